@@ -1,0 +1,1 @@
+"""Runtime: executor backends, the response cache, the sandbox and the workflow runner."""
