@@ -1,0 +1,146 @@
+"""MATH (Hendrycks et al., 2021), level 5 of Counting & Probability, Number Theory, Prealgebra and Precalculus.
+
+(Named ``math_bench`` so that it never shadows the standard library's ``math``.)
+
+Gold: the last ``\\boxed{}`` of the reference solution. Scoring extracts the model's final answer and asks
+math-verify (Hugging Face's maintained equivalence checker, built on latex2sympy and sympy) whether the two
+are the same mathematical object, so ``\\frac{1}{2}``, ``\\dfrac12``, ``0.5`` and ``1/2`` agree, ``\\text{}``
+wrappers, units, degrees, ``\\$`` and ``\\%`` are handled, and sets, intervals, matrices and equations compare
+structurally rather than as strings.
+
+Extraction order (the first that finds something wins):
+
+1. the last ``\\boxed{...}`` or ``\\fbox{...}`` (balanced braces; ``\\boxed 5`` too);
+2. the last "final answer is X" / "answer is X" / "Answer: X", up to the end of that line;
+3. the last number in the output (integer, decimal or ``a/b``, with sign and thousands separators).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from spogw.benchmarks.base import Benchmark, BenchmarkDataError, Record, ScoreResult, require
+
+FIELDS = ("problem", "solution")
+SUBJECTS = ("counting_and_probability", "number_theory", "prealgebra", "precalculus")
+"""The four MATH subjects the paper keeps (as configs of ``EleutherAI/hendrycks_math``)."""
+MAX_ANSWER_CHARS = 1000
+"""Longer extracted answers are not parsed: no MATH answer is that long, and sympy on a huge expression can hang."""
+TIMEOUT_S = 5
+"""math-verify's own per-call time guard (``parsing_timeout`` / ``timeout_seconds``), main thread only."""
+
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*")
+_ANSWER_IS = re.compile(
+    r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*[:\s]*(?P<ans>[^\n]+)",
+    re.I,
+)
+_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?|-?\.\d+")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text`` (braces balanced), or None."""
+    for m in reversed(list(_BOX.finditer(text))):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                if text[j] == "{":
+                    depth += 1
+                elif text[j] == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1 : j].strip()
+            continue  # unbalanced: try an earlier box
+        if m.group(0) != m.group(0).rstrip():  # "\boxed 5": the next token
+            tok = re.match(r"[^\s$]+", text[i:])
+            if tok:
+                return tok.group(0)
+    return None
+
+
+def extract_answer(text: str) -> tuple[str | None, str]:
+    """``(answer, method)``: the model's final answer and which rule found it (``boxed``, ``answer-is``,
+    ``last-number``), or ``(None, "none")``."""
+    boxed = last_boxed(text)
+    if boxed:
+        return boxed, "boxed"
+    hits = list(_ANSWER_IS.finditer(text))
+    if hits:
+        ans = hits[-1].group("ans").strip().rstrip(".").strip()
+        ans = ans.strip("$").strip()
+        if ans:
+            return ans, "answer-is"
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return numbers[-1].replace(" ", ""), "last-number"
+    return None, "none"
+
+
+def math_equal(gold: str, pred: str) -> tuple[bool, str]:
+    """Whether two final answers are equivalent, by math-verify; ``(equal, reason when not)``.
+
+    Both sides are wrapped in ``\\boxed{}`` and parsed with LaTeX and plain-expression extraction. math-verify's
+    time guard uses ``signal.alarm``, which only works in the main thread; elsewhere it runs unguarded (the
+    answer length cap above still bounds the work).
+    """
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+    except ImportError as exc:  # pragma: no cover - math-verify is a dependency
+        raise ImportError("MATH scoring needs math-verify: pip install math-verify") from exc
+    timeout = TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    try:
+        gold_parsed = parse(f"\\boxed{{{gold}}}", extraction_config=config, parsing_timeout=timeout)
+        pred_parsed = parse(f"\\boxed{{{pred}}}", extraction_config=config, parsing_timeout=timeout)
+        if not gold_parsed:
+            return False, f"math-verify could not parse the gold answer {gold!r}"
+        if not pred_parsed:
+            return False, f"math-verify could not parse the answer {pred!r}"
+        if verify(gold_parsed, pred_parsed, timeout_seconds=timeout):
+            return True, ""
+        return False, f"answer {pred!r} is not equivalent to gold {gold!r}"
+    except Exception as exc:  # math-verify raises on timeouts and on sympy edge cases: a zero score, not a crash
+        return False, f"math-verify failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+class MATH(Benchmark):
+    name = "math"
+    family = "math"
+    aflow_stem = "math"
+    aflow_fields = FIELDS
+    hub_id = "EleutherAI/hendrycks_math"
+    hub_configs = SUBJECTS
+    hub_split = "test"
+
+    def from_aflow(self, row: Mapping[str, Any], where: str) -> Record:
+        require(row, FIELDS, where)
+        problem, solution = str(row["problem"]), str(row["solution"])
+        gold = last_boxed(solution)
+        if not gold:
+            raise BenchmarkDataError(f"{where}: the solution has no \\boxed{{}} answer")
+        return Record(
+            id="math/" + hashlib.sha1(problem.encode("utf-8")).hexdigest()[:16],
+            benchmark=self.name,
+            family=self.family,
+            question=problem,
+            answer=gold,
+            meta={"source": where, "level": row.get("level"), "type": row.get("type"), "solution": solution},
+        )
+
+    from_hub = from_aflow
+
+    def hub_filter(self, row: Mapping[str, Any]) -> bool:
+        return row.get("level") == "Level 5"
+
+    def score(self, record: Record, output: str, **_: Any) -> ScoreResult:
+        answer, method = extract_answer(output)
+        if answer is None:
+            return ScoreResult(0.0, "no \\boxed{}, 'answer is' or number in output")
+        if len(answer) > MAX_ANSWER_CHARS:
+            return ScoreResult(0.0, f"extracted answer longer than {MAX_ANSWER_CHARS} chars", answer[:200])
+        equal, reason = math_equal(record.answer, answer)
+        return ScoreResult(1.0 if equal else 0.0, reason, answer, {"extraction": method})
