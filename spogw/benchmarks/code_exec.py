@@ -20,17 +20,12 @@ failed assert.
 from __future__ import annotations
 
 import ast
-import contextlib
 import dataclasses
 import json
-import os
 import re
 import secrets
-import subprocess
-import sys
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from spogw.benchmarks.base import Benchmark, Record, ScoreResult
@@ -203,85 +198,30 @@ def build_check_program(preamble: str, solution: str, tests: str, *, partial: bo
     return CheckProgram(source=source, nonce=nonce, partial=partial, n_asserts=n_asserts, solution=solution)
 
 
-@dataclass(frozen=True)
-class RunOutcome:
-    """What running a program produced; the fields the sandbox's ``SandboxResult`` also has."""
+def run_programs(
+    sources: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2, pool: Any = None
+) -> list[Any]:
+    """Run each check program in the sandbox (``spogw.runtime.sandbox``); ``SandboxResult`` per program, in order.
 
-    status: str
-    """``ok`` (exited), ``timeout``, or ``error`` (could not be run)."""
-    returncode: int | None
-    stdout: str
-    stderr: str
-    duration_s: float = 0.0
-    reason: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def run_programs(sources: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2) -> list[RunOutcome]:
-    """Run each program in its own Python process, ``workers`` at a time, and collect the outcomes.
-
-    Interim path until ``spogw.runtime.sandbox`` lands: a fresh interpreter per program (``python -I``), its own
-    session so a timeout kills the whole process group, a temporary working directory and a 2 GiB address-space
-    limit. The sandbox adds the rest (no network, file and process limits).
+    ``pool``: a warm ``SandboxPool`` to reuse (the score stage keeps one for its lifetime); without one, a pool of
+    ``workers`` zygotes is started for this batch. Each program gets ``timeout_s`` of wall and CPU time and the
+    sandbox's other default limits (1 GiB, no network, private /tmp).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from spogw.runtime.sandbox import SandboxLimits, SandboxPool
 
     if not sources:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda s: _run_subprocess(s, timeout_s), sources))
-
-
-def _limit_memory() -> None:  # runs in the child before exec
-    import resource
-
-    limit = 2 << 30
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _run_subprocess(source: str, timeout_s: float) -> RunOutcome:
-    import signal
-    import time
-
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="spogw-check-") as tmp:
-        path = os.path.join(tmp, "check.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(source)
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", path],
-                cwd=tmp,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=_limit_memory,
-            )
-        except OSError as exc:
-            return RunOutcome("error", None, "", "", 0.0, f"could not start python: {exc}")
-        try:
-            out, err = proc.communicate(timeout=timeout_s)
-            status = "ok"
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            status = "timeout"
-    return RunOutcome(
-        status=status,
-        returncode=proc.returncode,
-        stdout=out.decode("utf-8", "replace"),
-        stderr=err.decode("utf-8", "replace"),
-        duration_s=time.monotonic() - t0,
-        reason=f"timeout after {timeout_s:g} s" if status == "timeout" else "",
-    )
+    limits = SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s)
+    if pool is not None:
+        return pool.map(sources, limits=limits)
+    with SandboxPool(workers=max(1, min(workers, len(sources))), limits=limits) as own:
+        return own.map(sources)
 
 
 def interpret(program: CheckProgram, outcome: Any) -> ScoreResult:
-    """Turn a run outcome (ours or the sandbox's ``SandboxResult``) into a score and a reason."""
+    """Turn a ``SandboxResult`` into a score and a reason; only the harness's nonce line counts as a pass."""
     marks = [line[len(program.nonce) + 1 :] for line in outcome.stdout.splitlines() if line.startswith(program.nonce)]
-    passed_all = "PASS" in marks
+    passed_all = "PASS" in marks and outcome.status == "ok"
     fail_info: dict[str, Any] = {}
     for m in marks:
         if m.startswith("FAIL "):
@@ -289,21 +229,24 @@ def interpret(program: CheckProgram, outcome: Any) -> ScoreResult:
                 fail_info = json.loads(m[5:])
             except ValueError:
                 fail_info = {"error": "unreadable failure report"}
-    details: dict[str, Any] = {"duration_s": round(float(getattr(outcome, "duration_s", 0.0) or 0.0), 3)}
+    details: dict[str, Any] = {"status": outcome.status, "duration_s": round(float(outcome.duration_s or 0.0), 3)}
     if program.dropped:
         details["dropped_statements"] = list(program.dropped)
-    if outcome.status != "ok" or (outcome.returncode not in (0, None) and not fail_info and not passed_all):
-        reason = getattr(outcome, "reason", "") or f"{outcome.status} (exit code {outcome.returncode})"
-        details["stderr_tail"] = outcome.stderr[-500:]
-    elif passed_all:
+    if outcome.status == "sandbox_error":
+        details["infrastructure_error"] = True  # not the program's fault: the score stage may retry it
+    if passed_all:
         reason = ""
     elif fail_info:
         reason = _describe_failure(fail_info)
         details["failure"] = fail_info
-    else:  # exited without the nonce: the solution ended the process itself
+    elif outcome.status in ("ok", "exit"):  # ended without the harness's verdict: the solution exited itself
         reason = f"program exited (code {outcome.returncode}) before the tests finished"
+    else:
+        reason = f"{outcome.status}: {outcome.reason}" if outcome.reason else outcome.status
+    if not passed_all:
+        details["stderr_tail"] = outcome.stderr[-500:]
     if not program.partial:
-        return ScoreResult(1.0 if passed_all and not reason else 0.0, reason, program.solution, details)
+        return ScoreResult(1.0 if passed_all else 0.0, reason, program.solution, details)
     passed = sum(1 for m in marks if m.startswith("P "))
     failed = sum(1 for m in marks if m.startswith("F "))
     aborted = not passed_all
@@ -348,12 +291,19 @@ class CodeBenchmark(Benchmark):
         return dataclasses.replace(program, dropped=tuple(dropped))
 
     def score(
-        self, record: Record, output: str, *, partial: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S, **_: Any
+        self,
+        record: Record,
+        output: str,
+        *,
+        partial: bool = False,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        pool: Any = None,
+        **_: Any,
     ) -> ScoreResult:
         program = self.build(record, output, partial=partial)
         if isinstance(program, ScoreResult):
             return program
-        return interpret(program, run_programs([program.source], timeout_s=timeout_s, workers=1)[0])
+        return interpret(program, run_programs([program.source], timeout_s=timeout_s, workers=1, pool=pool)[0])
 
     def public_tests_for(self, record: Record, rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
         """This record's public tests among the rows of ``<stem>_public_test.jsonl``."""

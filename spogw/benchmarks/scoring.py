@@ -61,11 +61,12 @@ def score_output_detailed(
     partial: bool = False,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     max_chars: int = MAX_OUTPUT_CHARS,
+    pool: Any = None,
 ) -> ScoreResult:
     """Score one output and say why it fell short.
 
     ``partial`` (code only): the fraction of asserts passed instead of all-or-nothing. ``timeout_s``: wall-clock
-    limit of a code check.
+    limit of a code check. ``pool``: a warm ``SandboxPool`` for code checks (else a one-off sandbox).
     """
     bench = get_benchmark(name)
     rec = as_record(name, record)
@@ -73,7 +74,7 @@ def score_output_detailed(
     if text is None:
         return ScoreResult(0.0, reason)
     try:
-        return bench.score(rec, text, partial=partial, timeout_s=timeout_s)
+        return bench.score(rec, text, partial=partial, timeout_s=timeout_s, pool=pool)
     except Exception as exc:  # a scorer bug or an odd input must cost one score, never the stage
         return ScoreResult(0.0, f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}")
 
@@ -91,8 +92,11 @@ def score_outputs(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     workers: int = 2,
     max_chars: int = MAX_OUTPUT_CHARS,
+    pool: Any = None,
 ) -> list[ScoreResult]:
-    """Score many ``(record, output)`` pairs; code checks run ``workers`` at a time. Order is kept."""
+    """Score many ``(record, output)`` pairs; code checks run in the sandbox, ``workers`` at a time (or in ``pool``).
+
+    Order is kept."""
     bench = get_benchmark(name)
     if not isinstance(bench, CodeBenchmark):
         return [score_output_detailed(name, r, o, max_chars=max_chars) for r, o in items]
@@ -112,7 +116,7 @@ def score_outputs(
             results[i] = built
         else:
             programs.append((i, built))
-    outcomes = run_programs([p.source for _, p in programs], timeout_s=timeout_s, workers=workers)
+    outcomes = run_programs([p.source for _, p in programs], timeout_s=timeout_s, workers=workers, pool=pool)
     for (i, program), outcome in zip(programs, outcomes, strict=True):
         results[i] = interpret(program, outcome)
     return [r if r is not None else ScoreResult(0.0, "not scored") for r in results]
