@@ -204,3 +204,35 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def operator_responder(messages: list[dict], *, solutions: dict[str, str] | None = None) -> str:
+    """Canned executor replies for the workflow operators, in the tags and fences their prompts ask for.
+
+    Recognises each operator by its prompt (``spogw/workflows/prompts/operators.yaml``). Code requests
+    for function ``f`` return ``solutions[f]``; a first attempt that is wrong on purpose can be given as
+    ``solutions["f:first"]`` (the Test operator's reflection then gets ``solutions[f]``). Directives
+    (``#fail:...``) in a prompt still apply, as for any request.
+    """
+    solutions = solutions or {}
+    prompt = str(messages[-1].get("content", ""))
+    if "<solution_letter>" in prompt:
+        return "<thought>B and C agree.</thought>\n<solution_letter>B</solution_letter>"
+    if "<review_result>" in prompt:
+        return "<review_result>false</review_result>\n<feedback>Recheck the final sum.</feedback>"
+    if "reviewed as incorrect" in prompt:
+        return "<solution>The revised answer is \\boxed{2}.</solution>"
+    if "extract" in prompt and "<solution>" in prompt:
+        return "<solution>2</solution>"
+    if "function named `solve`" in prompt:
+        return "Here is the code:\n```python\ndef solve():\n    return 1 + 1\n```"
+    match = re.search(r"defines the function `(\w+)`|must define `(\w+)`", prompt)
+    if match:
+        name = match.group(1) or match.group(2)
+        reflecting = match.group(2) is not None
+        fallback = solutions.get(name, f"def {name}(*a):\n    return None")
+        code = solutions.get(name if reflecting else f"{name}:first", fallback)
+        return f"Let me think.\n```python\n{code}\n```"
+    if "<answer>" in prompt:
+        return "<thought>One plus one is two.</thought>\n<answer>2</answer>"
+    return "Step by step: 1 + 1 = 2. The answer is \\boxed{2}."
