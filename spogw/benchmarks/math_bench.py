@@ -70,8 +70,8 @@ def extract_answer(text: str) -> tuple[str | None, str]:
         return boxed, "boxed"
     hits = list(_ANSWER_IS.finditer(text))
     if hits:
-        ans = hits[-1].group("ans").strip().rstrip(".").strip()
-        ans = ans.strip("$").strip()
+        # Markdown emphasis, math delimiters and a closing full stop are not part of the answer: "**Answer:** $42$."
+        ans = hits[-1].group("ans").strip().strip("*$ ").rstrip(".").strip("*$ ")
         if ans:
             return ans, "answer-is"
     numbers = _NUMBER.findall(text)
