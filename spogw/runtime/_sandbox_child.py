@@ -217,9 +217,11 @@ class Zygote:
         try:
             unshare(CLONE_NEWNS)
             mount("none", "/", None, MS_REC | MS_PRIVATE)
+            exposed = self._expose_interpreter() if self.is_root else []
             self._remount_readonly()
             prot["mount_namespace"] = ("active: every mount read-only except /proc and /sys; fresh tmpfs per task on "
-                                       + ", ".join(d for d in WRITABLE_DIRS if os.path.isdir(d)))
+                                       + ", ".join(d for d in WRITABLE_DIRS if os.path.isdir(d))
+                                       + (f"; {', '.join(exposed)}" if exposed else ""))
         except OSError as e:
             prot["mount_namespace"] = f"inactive: {e}"
         try:
@@ -253,6 +255,38 @@ class Zygote:
             self.prot["cgroup_memory"] = "active: memory.limit_in_bytes = limits.memory_mb for the task's processes"
         if "pids" in self.cgroups:
             self.prot["cgroup_pids"] = "active: pids.max = limits.max_procs"
+
+    def _expose_interpreter(self) -> list[str]:
+        """Make the interpreter, its stdlib and sys.path reachable for the sandbox uid.
+
+        Why: the interpreter may live under a directory the sandbox uid cannot traverse (here /root, mode 700, holds
+        pyenv). For each such directory B: keep an O_PATH fd on every needed tree under it, cover B with an empty
+        0755 tmpfs (which also hides the rest of B: root's home, caches, credentials), and bind each tree back
+        through /proc/self/fd (the fd still reaches the covered original)."""
+        needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix,
+                                                os.path.dirname(sys.executable), *sys.path) if p and os.path.isdir(p)}
+        blocked: dict[str, set[str]] = {}
+        for path in sorted(needed):
+            parts = path.split("/")
+            for i in range(2, len(parts) + 1):
+                anc = "/".join(parts[:i])
+                if not os.stat(anc).st_mode & 0o001:
+                    blocked.setdefault(anc, set()).add(path)
+                    break
+        notes = []
+        for base, paths in blocked.items():
+            keep = [p for p in sorted(paths) if not any(p.startswith(q + "/") for q in paths)]
+            if base in keep:  # a needed tree is itself closed to others: nothing sensible to expose
+                notes.append(f"{base} stays unreadable for the sandbox uid")
+                continue
+            fds = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in keep]
+            mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
+            for p, fd in fds:
+                os.makedirs(p, 0o755, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+                os.close(fd)
+            notes.append(f"{base} hidden except {', '.join(keep)}")
+        return notes
 
     def _remount_readonly(self) -> None:
         for target in sorted(set(_read_mounts())):

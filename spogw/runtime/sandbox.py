@@ -165,6 +165,7 @@ class _Zygote:
             self.close()
             raise RuntimeError(f"sandbox zygote failed to start: {hello.get('error')}")
         self.protections: dict[str, str] = hello["protections"]
+        self.uid: int = hello["uid"]
 
     def run(self, task: dict) -> SandboxResult:
         wall = float(task["limits"]["wall_s"])
@@ -245,6 +246,7 @@ class SandboxPool:
         self._threads = [threading.Thread(target=self._worker, name=f"sandbox-pool-{i}", daemon=True)
                          for i in range(self.workers)]
         self.protections: dict[str, str] = {}
+        self._zygotes: dict[int, _Zygote] = {}
         for t in self._threads:
             t.start()
         self._started.wait()
@@ -255,8 +257,9 @@ class SandboxPool:
     def _worker(self) -> None:
         """Owns one zygote for its whole life (the zygote's parent-death signal is tied to this thread)."""
         zygote = None
+        me = threading.get_ident()
         try:
-            zygote = _Zygote()
+            zygote = self._zygotes[me] = _Zygote()
             self.protections = zygote.protections
         except RuntimeError as e:
             self._errors.append(str(e))
@@ -270,13 +273,18 @@ class SandboxPool:
                 continue
             try:
                 if zygote is None or not zygote.alive:
-                    zygote = _Zygote()
+                    zygote = self._zygotes[me] = _Zygote()
                 res = zygote.run(task)
             except BaseException as e:  # noqa: B036 - a pool worker must survive anything
                 res = _failure("sandbox_error", f"sandbox pool worker: {e!r}")
             fut.set_result(res)
         if zygote is not None:
             zygote.close()
+
+    @property
+    def uids(self) -> set[int]:
+        """The uids the pool's sandboxes run as now (one per worker; a replaced zygote gets a new one)."""
+        return {z.uid for z in self._zygotes.values()}
 
     def submit(self, code: str, *, limits: SandboxLimits | None = None, stdin: str | None = None,
                files: dict[str, str] | None = None) -> concurrent.futures.Future:
