@@ -1,0 +1,269 @@
+"""Run generated workflows on problems: sandboxed, concurrent, and never losing a result.
+
+``run_workflow`` validates the generated text (``spogw.workflows.parsing``), then runs the
+``Workflow`` class in a sandboxed child (``spogw.runtime.sandbox.run_entry``). Inside the child the
+operators' handle (``spogw.workflows.execute.RpcLLM``) turns every executor call and every program run into an RPC
+request; the parent answers them (:class:`CallContext`) with the real executor and the sandbox. So
+the executor, its response cache and its concurrency bound live in one place, the API key never
+enters the child, and the child needs no network. The gold answer and hidden tests never enter the
+child either: only the question, the entry point and the public tests do.
+
+Outcome of a run (``WorkflowResult.status``):
+
+* ``ok`` — the workflow returned; ``output`` is its answer as a string.
+* ``invalid`` — the generated text is not a valid workflow (``reason`` says why); nothing ran.
+* ``error`` — the workflow raised, crashed, ran out of memory or broke the RPC protocol.
+* ``timeout`` — it exceeded ``limits.wall_s`` (or its CPU time).
+* ``executor_error`` — an executor call failed for good (after retries). This wins over any other
+  outcome, even when the workflow caught the exception: the score would measure the API, not the
+  workflow, so the score stage can retry or drop it instead of training on it.
+* ``sandbox_error`` — the sandbox itself failed; not the workflow's fault.
+
+``run_many`` runs many (workflow, problem, run index) jobs with bounded concurrency; a failing job
+records its reason and never cancels the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from spogw.runtime.executor import ChatResult, Executor, Usage
+from spogw.workflows.execute import HandleBase, call_workflow
+from spogw.workflows.operators import ExecutorCallError
+
+STATUSES = ("ok", "invalid", "error", "timeout", "executor_error", "sandbox_error")
+ENTRY = "spogw.workflows.execute:child_main"
+
+CodeRunner = Callable[[str, float], Awaitable[dict]]
+"""Runs a program for an operator: ``(code, timeout_s) -> {"status", "stdout", "stderr", "reason"}``."""
+
+
+@dataclass
+class WorkflowResult:
+    output: str | None
+    status: str
+    reason: str = ""
+    usage: Usage = field(default_factory=Usage)
+    duration_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+    """Operator replies that had to be parsed by a fallback (see ``spogw.workflows.operators``)."""
+    operators_used: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_workflow_limits():
+    """Workflows wait on many executor calls: wall time is generous, CPU time is not."""
+    from spogw.runtime.sandbox import SandboxLimits
+
+    return SandboxLimits(wall_s=300.0, cpu_s=60.0, memory_mb=1024)
+
+
+def sandbox_code_runner(pool=None, limits=None) -> CodeRunner:
+    """Operators' programs run in the sandbox: in ``pool`` when given (~5 ms each), else one-shot."""
+    from spogw.runtime.sandbox import SandboxLimits, run_program
+
+    base = limits or SandboxLimits(wall_s=10.0, cpu_s=10.0, memory_mb=512)
+
+    async def run(code: str, timeout_s: float) -> dict:
+        lim = SandboxLimits(**{**asdict(base), "wall_s": min(base.wall_s, timeout_s),
+                               "cpu_s": min(base.cpu_s, timeout_s)})
+        if pool is not None:
+            res = await pool.arun(code, limits=lim)
+        else:
+            res = await asyncio.to_thread(run_program, code, limits=lim)
+        return {"status": res.status, "stdout": res.stdout, "stderr": res.stderr[-4000:], "reason": res.reason}
+
+    return run
+
+
+class CallContext:
+    """The parent's side of one workflow run: executor calls (with repeat counting) and program runs."""
+
+    def __init__(self, executor: Executor, *, run_index: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
+                 code_runner: CodeRunner | None = None):
+        self.executor, self.run_index = executor, run_index
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.code_runner = code_runner
+        self.usage = Usage()
+        self.code_runs = 0
+        self._repeats: Counter = Counter()
+
+    async def chat(self, messages: list[dict]) -> ChatResult:
+        # The n-th identical request of this run is its own sample (and cache entry): an ensemble of three
+        # identical prompts stays three calls at temperature > 0, and stays reproducible when cached.
+        key = json.dumps(messages, sort_keys=True)
+        repeat = self._repeats[key]
+        self._repeats[key] += 1
+        try:
+            result = await self.executor.chat(messages, temperature=self.temperature, max_tokens=self.max_tokens,
+                                              run_index=self.run_index, repeat=repeat)
+        except Exception as exc:  # a backend that raises still yields a recorded failure
+            result = ChatResult("", error=f"{type(exc).__name__}: {exc}")
+        self.usage.add(result)
+        return result
+
+    async def run_code(self, code: str, timeout_s: float) -> dict:
+        if self.code_runner is None:
+            self.code_runner = sandbox_code_runner()
+        self.code_runs += 1
+        try:
+            return await self.code_runner(code, timeout_s)
+        except Exception as exc:
+            return {"status": "sandbox_error", "stdout": "", "stderr": "", "reason": f"{type(exc).__name__}: {exc}"}
+
+    async def handle(self, request: dict) -> dict:
+        """The RPC handler for the sandboxed child."""
+        kind = request.get("kind")
+        if kind == "chat":
+            result = await self.chat(request["messages"])
+            return {"text": result.text} if result.ok else {"error": result.error}
+        if kind == "run_code":
+            return await self.run_code(str(request["code"]), float(request.get("timeout_s", 10.0)))
+        raise ValueError(f"unknown rpc request kind {kind!r}")
+
+
+class DirectLLM(HandleBase):
+    """Operators' handle in this process (trusted code: templates, benchmarks, operator tests)."""
+
+    def __init__(self, context: CallContext, family: str, *, public_tests: Sequence[str] = (),
+                 entry_point: str | None = None):
+        from spogw.workflows.families import load_family
+
+        super().__init__(family, load_family(family).prompts, public_tests, entry_point)
+        self.context = context
+
+    async def ask(self, prompt: str) -> str:
+        result = await self.context.chat([{"role": "user", "content": prompt}])
+        if not result.ok:
+            raise ExecutorCallError(result.error)
+        return result.text
+
+    async def run_code(self, code: str, *, timeout_s: float = 10.0) -> dict:
+        return await self.context.run_code(code, timeout_s)
+
+
+# -- the parent side --------------------------------------------------------------------------------
+
+
+def problem_inputs(problem: dict, needs_entry_point: bool) -> tuple[str, str | None, list[str]]:
+    """(question, entry point, public tests) from a benchmark record dict (``Record.to_dict()``).
+
+    ``question`` falls back to ``problem`` / ``prompt`` so AFlow-format rows work too."""
+    question = next((problem[k] for k in ("question", "problem", "prompt") if problem.get(k)), None)
+    if question is None:
+        raise ValueError(f"problem {problem.get('id', '?')!r} has no `question` field")
+    entry_point = problem.get("entry_point") if needs_entry_point else None
+    if needs_entry_point and not entry_point:
+        raise ValueError(f"problem {problem.get('id', '?')!r} of the code family has no `entry_point`")
+    return str(question), entry_point, list(problem.get("public_tests") or [])
+
+
+async def run_workflow(code: str, problem: dict, family: str, executor: Executor, *, limits=None,
+                       run_index: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
+                       code_runner: CodeRunner | None = None, sandbox: bool = True) -> WorkflowResult:
+    """Validate and run one generated workflow on one problem; every outcome is a :class:`WorkflowResult`.
+
+    ``sandbox=False`` runs the workflow class in this process (for trusted, hand-written workflows:
+    templates and benchmarks); the programs its operators write still run in the sandbox.
+    """
+    from spogw.workflows.families import load_family
+    from spogw.workflows.parsing import InvalidWorkflow, parse_workflow
+
+    start = time.perf_counter()
+    try:
+        parsed = parse_workflow(code, family=family)
+    except InvalidWorkflow as exc:
+        return WorkflowResult(None, "invalid", exc.reason, duration_s=time.perf_counter() - start)
+    spec = load_family(family)
+    question, entry_point, public_tests = problem_inputs(problem, spec.needs_entry_point)
+    context = CallContext(executor, run_index=run_index, temperature=temperature, max_tokens=max_tokens,
+                          code_runner=code_runner)
+    limits = limits or default_workflow_limits()
+    if sandbox:
+        outcome = await _run_sandboxed(parsed.code, spec, question, entry_point, public_tests, context, limits)
+    else:
+        llm = DirectLLM(context, family, public_tests=public_tests, entry_point=entry_point)
+        try:
+            outcome = await asyncio.wait_for(call_workflow(parsed.code, spec.offered, llm, question, entry_point),
+                                             limits.wall_s)
+        except asyncio.TimeoutError:
+            outcome = {"status": "timeout", "reason": f"workflow exceeded {limits.wall_s:g} s",
+                       "warnings": llm.warnings}
+    status, reason = outcome["status"], outcome.get("reason", "")
+    if context.usage.failed_calls and status != "executor_error":
+        status, reason = "executor_error", f"{context.usage.errors[0]} (workflow outcome: {status} {reason})".strip()
+    return WorkflowResult(outcome.get("output") if status == "ok" else None, status, reason, context.usage,
+                          time.perf_counter() - start, list(outcome.get("warnings") or []), list(parsed.operators_used))
+
+
+async def _run_sandboxed(code, spec, question, entry_point, public_tests, context: CallContext, limits) -> dict:
+    from spogw.runtime.sandbox import run_entry
+
+    payload = {"code": code, "family": spec.name, "offered": list(spec.offered), "prompts": spec.prompts,
+               "question": question, "entry_point": entry_point, "public_tests": public_tests}
+    res = await run_entry(ENTRY, payload, handler=context.handle, limits=limits)
+    if res.status == "ok" and isinstance(res.value, dict) and res.value.get("status") in STATUSES:
+        return res.value
+    if res.status == "ok":
+        return {"status": "error", "reason": f"sandboxed entry returned {type(res.value).__name__}, not an outcome"}
+    if res.status == "timeout":
+        return {"status": "timeout", "reason": res.reason}
+    if res.status == "sandbox_error":
+        return {"status": "sandbox_error", "reason": res.reason}
+    tail = res.stderr.strip().splitlines()[-1:] if res.stderr else []
+    return {"status": "error", "reason": f"{res.status}: {res.reason}" + (f" ({tail[0][:200]})" if tail else "")}
+
+
+@dataclass
+class WorkflowJob:
+    code: str
+    problem: dict
+    family: str
+    run_index: int = 0
+
+
+async def run_many(jobs: Sequence[WorkflowJob], executor: Executor, *, concurrency: int = 16,
+                   on_progress: Callable[[int, int, WorkflowResult], None] | None = None,
+                   **run_kwargs: Any) -> tuple[list[WorkflowResult], Usage]:
+    """Run every job, at most ``concurrency`` at a time; results in job order, plus the stage's total usage.
+
+    A job that fails in any way, even in the runner itself, yields a result with its reason; the others go on.
+    """
+    if concurrency < 1:
+        raise ValueError(f"`concurrency` must be >= 1, got {concurrency}")
+    limit = asyncio.Semaphore(concurrency)
+    results: list[WorkflowResult | None] = [None] * len(jobs)
+    done = 0
+
+    async def one(i: int, job: WorkflowJob) -> None:
+        nonlocal done
+        async with limit:
+            start = time.perf_counter()
+            try:
+                result = await run_workflow(job.code, job.problem, job.family, executor, run_index=job.run_index,
+                                            **run_kwargs)
+            except Exception as exc:  # the runner's own failure is still this job's recorded outcome
+                result = WorkflowResult(None, "error", f"runner: {type(exc).__name__}: {exc}",
+                                        duration_s=time.perf_counter() - start)
+        results[i] = result
+        done += 1
+        if on_progress is not None:
+            on_progress(done, len(jobs), result)
+
+    await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs)))
+    total = Usage()
+    for r in results:
+        total.merge(r.usage)
+    return results, total  # type: ignore[return-value]

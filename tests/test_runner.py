@@ -1,0 +1,183 @@
+"""The workflow runner: generated workflows in the real sandbox, executor calls over RPC to the real
+loopback OpenAI-compatible stub, failures recorded with their cause, nothing lost, warm cache free."""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+
+import pytest
+from openai_stub import OpenAIStub, StubConfig, operator_responder
+
+from spogw.runtime.cache import CachedExecutor
+from spogw.runtime.executor import OpenAIExecutor
+from spogw.runtime.runner import WorkflowJob, run_many, run_workflow
+from spogw.runtime.sandbox import SandboxLimits
+from spogw.workflows.families import FAMILIES, load_family
+
+pytest.importorskip("openai")
+ADD = "def add(a, b):\n    return a + b"
+RESPONDER = partial(operator_responder, solutions={"add": ADD})
+
+
+def problem(family: str) -> dict:
+    if family == "code":
+        return {"id": "t/add", "question": "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n", "entry_point": "add",
+                "public_tests": ["assert candidate(1, 2) == 3"], "answer": "SECRET-GOLD", "tests": "SECRET"}
+    return {"id": f"t/{family}", "question": "What is 1 + 1?", "answer": "SECRET-GOLD"}
+
+
+def executor(stub: OpenAIStub, **kw) -> OpenAIExecutor:
+    kw.setdefault("max_retries", 2)
+    kw.setdefault("timeout_s", 5.0)
+    return OpenAIExecutor(stub.base_url, "stub", api_key_env="SPOGW_TEST_NO_KEY", price_in_per_m=1.0,
+                          price_out_per_m=2.0, **kw)
+
+
+def run(stub_or_executor, code: str, family: str = "math", **kw):
+    ex = stub_or_executor if not isinstance(stub_or_executor, OpenAIStub) else executor(stub_or_executor)
+
+    async def go():
+        try:
+            return await run_workflow(code, problem(family), family, ex, **kw)
+        finally:
+            await ex.aclose()
+
+    return asyncio.run(go())
+
+
+def workflow(body: str, *, ops: str = "Custom", args: str = "problem") -> str:
+    inits = "\n".join(f"        self.{o.lower()} = operator.{o}(llm)" for o in ops.split(","))
+    lines = "\n".join("        " + ln for ln in body.strip("\n").splitlines())
+    return f"class Workflow:\n    def __init__(self, llm):\n{inits}\n\n    async def __call__(self, {args}):\n{lines}\n"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_template_runs_in_the_sandbox(family):
+    expected = {"math": "Step by step: 1 + 1 = 2. The answer is \\boxed{2}.", "qa": "2", "code": ADD}
+    with OpenAIStub(StubConfig(responder=RESPONDER)) as stub:
+        result = run(stub, load_family(family).template, family)
+        assert result.status == "ok", result.reason
+        assert result.output == expected[family]
+        assert result.usage.calls == stub.requests > 0
+        assert result.usage.prompt_tokens > 0 and result.usage.cost_usd > 0
+        assert result.operators_used == sorted(result.operators_used) and result.duration_s > 0
+
+
+def test_the_child_has_no_network_but_its_executor_calls_get_through():
+    with OpenAIStub(StubConfig(responder=RESPONDER)) as stub:
+        code = workflow(f"""
+import asyncio
+r = await self.custom(input=problem, instruction="Solve.")
+try:
+    await asyncio.wait_for(asyncio.open_connection("127.0.0.1", {stub.port}), 2)
+    return "reached the stub directly"
+except Exception as exc:
+    return r["response"] + " | " + type(exc).__name__
+""")
+        result = run(stub, code)
+        assert stub.requests == 1  # the RPC-forwarded call; the direct connection never arrived
+    assert result.status == "ok", result.reason
+    assert result.output.startswith("Step by step") and "reached" not in result.output
+
+
+def test_invalid_workflow_is_recorded_and_nothing_runs():
+    with OpenAIStub() as stub:
+        result = run(stub, "import os\n" + load_family("math").template)
+        assert stub.requests == 0
+    assert result.status == "invalid" and "import of `os`" in result.reason and result.output is None
+
+
+def test_a_raising_workflow_is_an_error_with_its_line():
+    code = workflow('r = await self.custom(input=problem, instruction="Solve.")\nreturn r["no_such_key"]')
+    with OpenAIStub(StubConfig(responder=RESPONDER)) as stub:
+        result = run(stub, code)
+    assert result.status == "error" and "KeyError" in result.reason and "workflow line 7" in result.reason
+    assert result.usage.calls == 1  # the call it made is still accounted
+
+
+def test_a_hanging_workflow_times_out():
+    code = workflow("while True:\n    pass")
+    with OpenAIStub() as stub:
+        result = run(stub, code, limits=SandboxLimits(wall_s=1.5, cpu_s=1.0))
+    assert result.status == "timeout" and result.output is None
+
+
+def test_executor_failure_wins_even_when_the_workflow_swallows_it():
+    code = workflow("""
+try:
+    r = await self.custom(input=problem, instruction="Solve. #fail:500*9")
+    return r["response"]
+except Exception:
+    return "swallowed"
+""")
+    with OpenAIStub(StubConfig(responder=RESPONDER)) as stub:
+        result = run(executor(stub, max_retries=1), code)
+        assert stub.requests == 2
+    assert result.status == "executor_error" and "HTTP 500" in result.reason and result.output is None
+    assert result.usage.failed_calls == 1
+
+
+def test_concurrent_operator_calls_inside_one_workflow_and_repeats_stay_distinct(tmp_path):
+    code = workflow("""
+import asyncio
+calls = [self.custom(input=problem, instruction="Solve.") for _ in range(3)]
+answers = [r["response"] for r in await asyncio.gather(*calls)]
+best = await self.scensemble(solutions=answers, problem=problem)
+return best["response"]
+""", ops="Custom,ScEnsemble")
+    with OpenAIStub(StubConfig(responder=RESPONDER, latency=0.3)) as stub:
+        cached = CachedExecutor(executor(stub), tmp_path / "c.sqlite")
+        result = run(cached, code)
+        assert result.status == "ok", result.reason
+        # three identical prompts are three samples (repeat index in the cache key), asked concurrently
+        assert stub.requests == 4 and stub.stats.max_in_flight == 3 and len(cached.cache) == 4
+        stub.reset_counts()
+        again = run(CachedExecutor(executor(stub), tmp_path / "c.sqlite"), code)
+        assert stub.requests == 0 and again.output == result.output and again.usage.cached_calls == 4
+
+
+def mixed_jobs(n: int) -> tuple[list[WorkflowJob], list[str]]:
+    kinds = ["ok", "invalid", "error", "executor_error"]
+    codes = {
+        "ok": load_family("math").template,
+        "invalid": "class Workflow:\n    pass\n",
+        "error": workflow('return (await self.custom(input=problem, instruction="x"))["nope"]'),
+        "executor_error": workflow('return (await self.custom(input=problem, instruction="#fail:500*99"))'),
+    }
+    jobs, expected = [], []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        jobs.append(WorkflowJob(codes[kind], {"id": str(i), "question": f"What is {i} + 1?"}, "math", run_index=i % 3))
+        expected.append(kind)
+    return jobs, expected
+
+
+def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_path):
+    jobs, expected = mixed_jobs(40)
+    progress: list[int] = []
+    with OpenAIStub(StubConfig(responder=RESPONDER, latency=0.05)) as stub:
+
+        async def stage(ex):
+            try:
+                return await run_many(jobs, ex, concurrency=8, on_progress=lambda d, t, r: progress.append(d))
+            finally:
+                await ex.aclose()
+
+        cold, total = asyncio.run(stage(CachedExecutor(executor(stub, max_retries=0), tmp_path / "s.sqlite")))
+        assert [r.status for r in cold] == expected
+        assert progress == list(range(1, 41))
+        ok = [r for r in cold if r.ok]
+        assert all(r.output.startswith("Step by step") for r in ok)
+        assert all(r.reason for r in cold if not r.ok)
+        assert all("HTTP 500" in r.reason for r, k in zip(cold, expected, strict=True) if k == "executor_error")
+        assert total.calls == sum(r.usage.calls for r in cold) == stub.requests
+        assert total.cost_usd == pytest.approx(sum(r.usage.cost_usd for r in cold)) and total.cost_usd > 0
+
+        stub.reset_counts()
+        warm_ex = CachedExecutor(executor(stub, max_retries=0), tmp_path / "s.sqlite")
+        warm, _ = asyncio.run(stage(warm_ex))
+        # only the executor failures are asked again (failures are never cached); every success is free
+        assert stub.requests == expected.count("executor_error")
+        assert [r.output for r in warm if r.ok] == [r.output for r in ok]
+        assert warm_ex.hits == sum(1 for k in expected if k in ("ok", "error"))
