@@ -71,7 +71,9 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     hits = list(_ANSWER_IS.finditer(text))
     if hits:
         # Markdown emphasis, math delimiters and a closing full stop are not part of the answer: "**Answer:** $42$."
-        ans = hits[-1].group("ans").strip().strip("*$ ").rstrip(".").strip("*$ ")
+        # ... and the sentence ends at a full stop followed by a space: "is 12. Also ..." -> "12".
+        ans = re.split(r"\.\s", hits[-1].group("ans"), maxsplit=1)[0]
+        ans = ans.strip().strip("*$ ").rstrip(".").strip("*$ ")
         if ans:
             return ans, "answer-is"
     numbers = _NUMBER.findall(text)
