@@ -1,0 +1,158 @@
+"""`spogw`: the command line.
+
+``spogw fit --config X.yaml`` is a LightningCLI over :class:`~spogw.module.SPOGWModule` and
+:class:`~spogw.data.GroupDataModule`: every option is a typed, documented flag
+(``spogw fit --help``), and the resolved config is written to ``<run_dir>/config.yaml`` so that
+``spogw fit --config <run_dir>/config.yaml`` reproduces the run. Further stages are their own
+subcommands (``spogw build``), each a plain function underneath.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from spogw.data import GroupDataModule
+from spogw.module import SPOGWModule
+
+TRAINER_DEFAULTS = {
+    "default_root_dir": "runs/default",
+    "max_epochs": 1,
+    "log_every_n_steps": 1,
+    "num_sanity_val_steps": 0,
+    "gradient_clip_val": 1.0,
+}
+
+OVERVIEW = """usage: spogw <command> [options]
+
+commands:
+  fit      train the generator's LoRA adapter with ioGRPO-mKL (LightningCLI: spogw fit --help)
+  build    build the group-wise dataset from scored samples (spogw build --help)
+
+typical use:
+  spogw fit --config configs/quickstart.yaml
+  spogw fit --config runs/quickstart/config.yaml     # reproduce a run from its saved config
+"""
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Also writes the resolved config to ``<default_root_dir>/config.yaml``, next to the run's artifacts."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+
+
+class SPOGWCLI(LightningCLI):
+    """LightningCLI with the model name shared by the tokenizer and config errors reported as usage errors."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # Only `fit`: the objective has no validation/test/predict step; evaluation is its own stage.
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+
+    def before_fit(self) -> None:
+        # Build the dataset in the launching process, before DDP starts its other ranks: bad data
+        # then stops one process with a message instead of leaving ranks waiting at a barrier.
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            if self.datamodule.run_dir is None:
+                self.datamodule.run_dir = self.trainer.default_root_dir
+            self.datamodule.prepare_data()
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as e:
+            self.parser.error(str(e))
+
+
+def run_fit(args: list[str] | None = None) -> SPOGWCLI:
+    """Run ``spogw fit`` (or another LightningCLI subcommand) and return the CLI object (for tests, notebooks)."""
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    return SPOGWCLI(
+        SPOGWModule,
+        GroupDataModule,
+        save_config_callback=RunConfigCallback,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        args=args,
+    )
+
+
+def build(
+    scored_samples: str,
+    out_dir: str,
+    n: int = 14,
+    t: int = 4,
+    top_n: int = 100,
+    m: int | None = None,
+    seed: int = 0,
+    mode: str = "screen_sharpen",
+    scope: str = "global",
+    dedup: bool = True,
+    failed_score: float | None = None,
+    on_bad_record: str = "error",
+) -> dict:
+    """Build the group-wise dataset (Arrow + stats.json) from a scored-samples JSONL file.
+
+    Args:
+        scored_samples: JSONL with query_id, prompt, completion, score per line.
+        out_dir: directory to write the dataset into (replaced atomically).
+        n: instance size before sharpening.
+        t: keep the bottom t and top t of each instance.
+        top_n: number of groups to keep (dataset size d).
+        m: samples per query, if known (checks n <= m).
+        seed: tie-break seed.
+        mode: screen_sharpen | screen | random_filter | random.
+        scope: global | per_query.
+        dedup: rank distinct sharpened groups.
+        failed_score: score for failed workflows; null drops them.
+        on_bad_record: error | skip.
+    """
+    from spogw.data import Curation, build_dataset
+
+    curation = Curation(n=n, t=t, top_n=top_n, m=m, seed=seed, mode=mode, scope=scope, dedup=dedup,  # type: ignore[arg-type]
+                        failed_score=failed_score)
+    stats = build_dataset(scored_samples, out_dir, curation, on_bad_record=on_bad_record)  # type: ignore[arg-type]
+    print(f"{stats['groups']} groups from {stats['records']} records of {stats['queries']} queries -> {out_dir}")
+    return stats
+
+
+def cli_main(args: list[str] | None = None) -> None:
+    """Entry point of the `spogw` console script (returns nothing: its value would become the exit status)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(OVERVIEW)
+        return
+    if argv[0] == "build":
+        from jsonargparse import CLI
+
+        try:
+            CLI(build, args=argv[1:], as_positional=False)
+        except (ValueError, FileNotFoundError) as e:  # includes DataError: bad options or data
+            print(f"spogw build: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from spogw.data import DataError
+
+    try:
+        run_fit(args)  # None: LightningCLI reads sys.argv itself
+    except DataError as e:  # bad input data: a message, not a traceback
+        print(f"spogw {argv[0]}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    cli_main()
