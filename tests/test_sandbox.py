@@ -102,6 +102,19 @@ def test_private_tmp_is_not_shared_between_tasks(pool):
     assert second.stdout.strip() == "['work'] []" if ROOT else "secret" not in second.stdout
 
 
+def test_benchmark_data_and_chosen_paths_are_hidden():
+    from spogw.runtime.sandbox import default_hidden_paths
+
+    shared = REPO.parent / "shared" / "data"
+    if shared.exists():
+        assert str(shared) in default_hidden_paths()
+        res = run_program(f"import os\nprint(os.listdir({str(shared)!r}))")
+        assert res.status == "ok" and res.stdout == "[]\n", (res.reason, res.stdout)
+    res = run_program(f"print(len(open({str(REPO / 'pyproject.toml')!r}).read()))",
+                      hide_paths=[REPO / "pyproject.toml"])
+    assert res.stdout == "0\n", (res.reason, res.stdout)
+
+
 def test_protections_reported():
     prot = protections()
     assert set(prot) >= {"uid", "rlimits", "seccomp", "pid_namespace", "net_namespace", "mount_namespace"}

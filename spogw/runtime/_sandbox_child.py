@@ -190,7 +190,8 @@ def _read_mounts() -> list[str]:
 class Zygote:
     """Forks isolated children; one task at a time. Construct, then ``probe()`` once, then ``run(task)``."""
 
-    def __init__(self, cgroup_root: str = "/sys/fs/cgroup"):
+    def __init__(self, hide: list[str] = (), cgroup_root: str = "/sys/fs/cgroup"):
+        self.hide = list(hide)
         self.is_root = os.geteuid() == 0
         self.uid = UID_BASE + os.getpid() if self.is_root else os.getuid()
         self.gid = self.uid if self.is_root else os.getgid()
@@ -218,6 +219,7 @@ class Zygote:
             unshare(CLONE_NEWNS)
             mount("none", "/", None, MS_REC | MS_PRIVATE)
             exposed = self._expose_interpreter() if self.is_root else []
+            exposed += self._hide_paths()
             self._remount_readonly()
             prot["mount_namespace"] = ("active: every mount read-only except /proc and /sys; fresh tmpfs per task on "
                                        + ", ".join(d for d in WRITABLE_DIRS if os.path.isdir(d))
@@ -287,6 +289,21 @@ class Zygote:
                 os.close(fd)
             notes.append(f"{base} hidden except {', '.join(keep)}")
         return notes
+
+    def _hide_paths(self) -> list[str]:
+        """Cover data the programs must not read (benchmark ground truth: a generated workflow that reads the test
+        answers would be a reward hack) with an empty read-only tmpfs, or /dev/null for a file."""
+        hidden = []
+        for path in self.hide:
+            path = os.path.realpath(path)
+            if os.path.isdir(path):
+                mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=4k,mode=0555")
+            elif os.path.exists(path):
+                mount("/dev/null", path, None, MS_BIND)
+            else:
+                continue
+            hidden.append(path)
+        return [f"hidden: {', '.join(hidden)}"] if hidden else []
 
     def _remount_readonly(self) -> None:
         for target in sorted(set(_read_mounts())):
@@ -895,10 +912,11 @@ PRELOAD = ("math", "re", "collections", "itertools", "functools", "heapq", "bise
 def main(argv: list[str]) -> int:
     """``serve``: answer tasks until stdin closes. ``once``: one task (same protocol, one frame each way)."""
     mode = argv[1] if len(argv) > 1 else "serve"
+    options = json.loads(argv[2]) if len(argv) > 2 else {}
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the parent's terminal is the parent's to handle
     for name in PRELOAD:  # shared with every forked child: nothing to import from disk per task
         __import__(name)
-    z = Zygote()
+    z = Zygote(hide=options.get("hide", []))
     try:
         try:
             z.setup()

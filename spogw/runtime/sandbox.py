@@ -101,6 +101,17 @@ def _failure(status: str, reason: str, duration: float = 0.0, protections: dict 
     return SandboxResult(status, None, "", "", duration, reason, protections=protections or {})
 
 
+def default_hidden_paths() -> tuple[str, ...]:
+    """Paths no sandboxed program may read: the shared benchmark data beside the checkout (ground truth)."""
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
+    return (str(shared),) if shared.exists() else ()
+
+
+def _zygote_argv(mode: str, hide: Iterable[str] | None) -> list[str]:
+    hide = default_hidden_paths() if hide is None else tuple(hide)
+    return [sys.executable, "-I", CHILD, mode, json.dumps({"hide": [str(p) for p in hide]})]
+
+
 def _child_env() -> dict[str, str]:
     """The zygote's environment: nothing of the parent's (API keys stay out of reach)."""
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -151,10 +162,10 @@ class _Zygote:
     START_TIMEOUT_S = 30.0
     GRACE_S = 5.0  # beyond the task's wall limit before the parent gives up on the zygote itself
 
-    def __init__(self, mode: str = "serve", pass_fds: tuple[int, ...] = ()):
+    def __init__(self, mode: str = "serve", hide: Iterable[str] | None = None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", CHILD, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
-            pass_fds=pass_fds, close_fds=True, cwd="/",
+            _zygote_argv(mode, hide), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
+            close_fds=True, cwd="/",
         )
         try:
             hello = _read_frame(self.proc.stdout.fileno(), time.monotonic() + self.START_TIMEOUT_S)
@@ -210,15 +221,16 @@ def protections() -> dict[str, str]:
 
 
 def run_program(code: str, *, limits: SandboxLimits | None = None, stdin: str | None = None,
-                files: dict[str, str] | None = None) -> SandboxResult:
+                files: dict[str, str] | None = None, hide_paths: Iterable[str] | None = None) -> SandboxResult:
     """Run a Python program in a fresh sandboxed process (private temp dir, limits, no network).
 
-    ``files`` are written into its working directory first (relative paths only). For many programs use a
-    ``SandboxPool``: this starts (and ends) a zygote per call."""
+    ``files`` are written into its working directory first (relative paths only); ``hide_paths`` are made unreadable
+    (default: ``default_hidden_paths()``). For many programs use a ``SandboxPool``: this starts (and ends) a
+    zygote per call."""
     limits = limits or SandboxLimits()
     t0 = time.monotonic()
     try:
-        z = _Zygote("once")
+        z = _Zygote("once", hide_paths)
     except RuntimeError as e:
         return _failure("sandbox_error", str(e), time.monotonic() - t0)
     try:
@@ -236,9 +248,11 @@ class SandboxPool:
     Thread-safe; ``map`` keeps order; ``arun`` is for asyncio callers. A zygote that dies is replaced and its task
     reported as ``sandbox_error``; a program can neither signal nor see its zygote (other uid, own pid namespace)."""
 
-    def __init__(self, workers: int | None = None, limits: SandboxLimits | None = None):
+    def __init__(self, workers: int | None = None, limits: SandboxLimits | None = None,
+                 hide_paths: Iterable[str] | None = None):
         self.workers = workers or os.cpu_count() or 1
         self.limits = limits or SandboxLimits()
+        self.hide_paths = None if hide_paths is None else tuple(hide_paths)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
         self._started = threading.Barrier(self.workers + 1)
@@ -259,7 +273,7 @@ class SandboxPool:
         zygote = None
         me = threading.get_ident()
         try:
-            zygote = self._zygotes[me] = _Zygote()
+            zygote = self._zygotes[me] = _Zygote(hide=self.hide_paths)
             self.protections = zygote.protections
         except RuntimeError as e:
             self._errors.append(str(e))
@@ -273,7 +287,7 @@ class SandboxPool:
                 continue
             try:
                 if zygote is None or not zygote.alive:
-                    zygote = self._zygotes[me] = _Zygote()
+                    zygote = self._zygotes[me] = _Zygote(hide=self.hide_paths)
                 res = zygote.run(task)
             except BaseException as e:  # noqa: B036 - a pool worker must survive anything
                 res = _failure("sandbox_error", f"sandbox pool worker: {e!r}")
@@ -325,7 +339,8 @@ class SandboxPool:
 
 async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awaitable[dict]] | None = None,
                     limits: SandboxLimits | None = None, max_message_bytes: int = 8 << 20,
-                    max_requests: int = 10_000, max_in_flight: int = 64) -> SandboxResult:
+                    max_requests: int = 10_000, max_in_flight: int = 64,
+                    hide_paths: Iterable[str] | None = None) -> SandboxResult:
     """Run ``module:function`` (importable) in a sandboxed child as ``function(payload, rpc)``; its JSON return value
     comes back in ``result.value``.
 
@@ -333,7 +348,7 @@ async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awai
     answered by ``await handler(request)`` here; a handler exception reaches the child as RuntimeError. Requests
     beyond ``max_in_flight`` wait in the pipe (back-pressure); a frame over ``max_message_bytes``, a garbage frame or
     more than ``max_requests`` requests ends the child with status 'protocol'. Without a handler every request gets
-    an error reply."""
+    an error reply. ``hide_paths``: as for run_program."""
     limits = limits or SandboxLimits()
     if ":" not in entry:
         raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
@@ -342,7 +357,7 @@ async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awai
     t0 = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", CHILD, "once", stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
+            *_zygote_argv("once", hide_paths), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
             pass_fds=(p2c_r, c2p_w), cwd="/",
         )
     finally:
