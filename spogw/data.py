@@ -337,7 +337,7 @@ class GroupDataModule(L.LightningDataModule):
         groups, truncated_p, truncated_c = [], 0, 0
         for row in rows:
             responses = []
-            for prompt_json, completion in zip(row["prompts"], row["completions"]):
+            for prompt_json, completion in zip(row["prompts"], row["completions"], strict=True):
                 p_ids, c_ids = tokenize_response(tok, json.loads(prompt_json), completion)
                 if len(p_ids) > self.max_prompt_tokens:
                     p_ids, truncated_p = p_ids[-self.max_prompt_tokens:], truncated_p + 1

@@ -224,7 +224,7 @@ class SPOGWModule(L.LightningModule):
 
     def _cached_reference(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Old/ref log-probs from the per-group cache; the missing responses are computed once."""
-        keys = list(zip(batch["group_id"].tolist(), batch["member"].tolist()))
+        keys = list(zip(batch["group_id"].tolist(), batch["member"].tolist(), strict=True))
         mask = batch["completion_mask"].bool()
         missing = [i for i, k in enumerate(keys) if k not in self._ref_cache]
         if missing:
