@@ -1,7 +1,7 @@
 """MBPP, sanitized split (Austin et al., 2021): 427 short Python tasks, each with three or so asserts.
 
-The workflow receives AFlow's prompt: the task description, a blank line and the reference solution's
-signature line (``def tuple_to_int(nums):``). ``test_imports`` run before the solution, as in the original
+The workflow receives AFlow's prompt: the task description, then the reference solution's import lines and
+signature line (``def tuple_to_int(nums):``), one per line. ``test_imports`` run before the solution, as in the original
 evaluation, then the asserts of ``test_list``, which call the function by its name.
 
 Known quirk: task 630's reference code raises NameError (its helper uses undefined names), so its gold
@@ -94,7 +94,9 @@ class MBPP(CodeBenchmark):
         code, tests = str(row["code"]), list(row["test_list"])
         entry_point = infer_entry_point(code, tests)
         sig = signature_line(code, entry_point)
-        prompt = f"{row['prompt']}\n\n{sig}" if sig else str(row["prompt"])
+        # AFlow's prompt: the description, the reference code's import lines, its signature line, one per line.
+        imports = [line for line in code.splitlines() if re.match(r"(?:import|from)\s", line)]
+        prompt = f"{row['prompt']}\n" + "\n".join(imports) + f"\n{sig}" if sig else str(row["prompt"])
         return self.from_aflow({**row, "prompt": prompt, "entry_point": entry_point}, where)
 
     def preamble(self, record: Record) -> str:
