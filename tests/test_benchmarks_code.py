@@ -174,3 +174,23 @@ def test_a_record_of_another_benchmark_is_a_clear_error():
     with pytest.raises(ValueError, match="belongs to 'mbpp'"):
         score_output_detailed("humaneval", rec, "x")
     assert get_benchmark("MBPP").score(rec, "def f(): pass").reason == "record 1 has no tests"
+
+
+@needs_data
+def test_async_scoring_awaits_the_sandbox_pool(pool):
+    import asyncio
+
+    from spogw.benchmarks import ascore_output_detailed
+
+    recs = records("mbpp")[:6]
+
+    async def run():
+        with_pool = [ascore_output_detailed("mbpp", r, r.answer, pool=pool) for r in recs]
+        wrong = [ascore_output_detailed("mbpp", r, _wrong(r.entry_point), pool=pool) for r in recs]
+        one_off = ascore_output_detailed("mbpp", recs[0], recs[0].answer)  # no pool: a one-off sandbox
+        empty = ascore_output_detailed("mbpp", recs[0], "")
+        return await asyncio.gather(*with_pool, *wrong, one_off, empty)
+
+    results = asyncio.run(run())
+    assert [r.score for r in results] == [1.0] * 6 + [0.0] * 6 + [1.0, 0.0]
+    assert results[-1].reason == "empty output"

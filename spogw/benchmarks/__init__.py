@@ -13,7 +13,13 @@ Only the standard library is imported here; math-verify, datasets and the sandbo
 from spogw.benchmarks.base import BenchmarkDataError, Record, ScoreResult, UnknownBenchmarkError
 from spogw.benchmarks.loaders import load_benchmark, protocol_split
 from spogw.benchmarks.registry import BENCHMARKS, get_benchmark
-from spogw.benchmarks.scoring import score_output, score_output_detailed, score_outputs, solve_rate
+from spogw.benchmarks.scoring import (
+    ascore_output_detailed,
+    score_output,
+    score_output_detailed,
+    score_outputs,
+    solve_rate,
+)
 
 __all__ = [
     "BENCHMARKS",
@@ -21,6 +27,7 @@ __all__ = [
     "Record",
     "ScoreResult",
     "UnknownBenchmarkError",
+    "ascore_output_detailed",
     "get_benchmark",
     "load_benchmark",
     "protocol_split",

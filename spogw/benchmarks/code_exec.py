@@ -198,6 +198,13 @@ def build_check_program(preamble: str, solution: str, tests: str, *, partial: bo
     return CheckProgram(source=source, nonce=nonce, partial=partial, n_asserts=n_asserts, solution=solution)
 
 
+def check_limits(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+    """The sandbox limits of one check program: ``timeout_s`` of wall and CPU time, the sandbox's defaults else."""
+    from spogw.runtime.sandbox import SandboxLimits
+
+    return SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s)
+
+
 def run_programs(
     sources: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2, pool: Any = None
 ) -> list[Any]:
@@ -207,11 +214,11 @@ def run_programs(
     ``workers`` zygotes is started for this batch. Each program gets ``timeout_s`` of wall and CPU time and the
     sandbox's other default limits (1 GiB, no network, private /tmp).
     """
-    from spogw.runtime.sandbox import SandboxLimits, SandboxPool
+    from spogw.runtime.sandbox import SandboxPool
 
     if not sources:
         return []
-    limits = SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s)
+    limits = check_limits(timeout_s)
     if pool is not None:
         return pool.map(sources, limits=limits)
     with SandboxPool(workers=max(1, min(workers, len(sources))), limits=limits) as own:

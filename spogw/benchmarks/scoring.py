@@ -9,12 +9,20 @@ benchmark name, or a record that is missing fields or belongs to another benchma
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spogw.benchmarks.base import Record, ScoreResult
-from spogw.benchmarks.code_exec import DEFAULT_TIMEOUT_S, CheckProgram, CodeBenchmark, interpret, run_programs
+from spogw.benchmarks.code_exec import (
+    DEFAULT_TIMEOUT_S,
+    CheckProgram,
+    CodeBenchmark,
+    check_limits,
+    interpret,
+    run_programs,
+)
 from spogw.benchmarks.registry import get_benchmark
 
 MAX_OUTPUT_CHARS = 1_000_000
@@ -108,10 +116,7 @@ def score_outputs(
         if text is None:
             results[i] = ScoreResult(0.0, reason)
             continue
-        try:
-            built = bench.build(rec, text, partial=partial)
-        except Exception as exc:
-            built = ScoreResult(0.0, f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}")
+        built = _build(bench, rec, text, partial)
         if isinstance(built, ScoreResult):
             results[i] = built
         else:
@@ -120,6 +125,46 @@ def score_outputs(
     for (i, program), outcome in zip(programs, outcomes, strict=True):
         results[i] = interpret(program, outcome)
     return [r if r is not None else ScoreResult(0.0, "not scored") for r in results]
+
+
+async def ascore_output_detailed(
+    name: str,
+    record: Record | Mapping[str, Any],
+    output: Any,
+    *,
+    partial: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_chars: int = MAX_OUTPUT_CHARS,
+    pool: Any = None,
+) -> ScoreResult:
+    """:func:`score_output_detailed` for asyncio callers (the score stage).
+
+    Code checks await the sandbox (``pool.arun``; without a pool, a one-off sandbox in a worker thread) instead of
+    blocking the event loop. MATH and QA scoring take milliseconds and run inline, in the calling thread, which
+    keeps math-verify's time guard working when that is the main thread.
+    """
+    bench = get_benchmark(name)
+    if not isinstance(bench, CodeBenchmark):
+        return score_output_detailed(name, record, output, max_chars=max_chars)
+    rec = as_record(name, record)
+    text, reason = coerce_output(output, max_chars=max_chars)
+    if text is None:
+        return ScoreResult(0.0, reason)
+    built = _build(bench, rec, text, partial)
+    if isinstance(built, ScoreResult):
+        return built
+    if pool is None:
+        outcome = (await asyncio.to_thread(run_programs, [built.source], timeout_s=timeout_s, workers=1))[0]
+    else:
+        outcome = await pool.arun(built.source, limits=check_limits(timeout_s))
+    return interpret(built, outcome)
+
+
+def _build(bench: CodeBenchmark, record: Record, text: str, partial: bool) -> CheckProgram | ScoreResult:
+    try:
+        return bench.build(record, text, partial=partial)
+    except Exception as exc:  # e.g. tests that do not parse for partial credit: this record's problem only
+        return ScoreResult(0.0, f"scoring failed: {type(exc).__name__}: {str(exc)[:300]}")
 
 
 def solve_rate(runs: Sequence[Sequence[float]]) -> dict[str, Any]:
