@@ -74,6 +74,7 @@ CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWUSER = 0x20000000, 0x40000000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, PR_SET_DUMPABLE = 1, 38, 22, 4
+PR_SET_CHILD_SUBREAPER, PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 36, 24, 47, 4
 UID_BASE = 0x70000000  # sandbox uids: UID_BASE + zygote pid, unique per live zygote, never a real account
 WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
@@ -192,7 +193,8 @@ class Zygote:
 
     def __init__(self, hide: list[str] = (), cgroup_root: str = "/sys/fs/cgroup"):
         self.hide = list(hide)
-        self.is_root = os.geteuid() == 0
+        self.is_root = os.geteuid() == 0  # real root: a uid of its own per zygote, cgroups
+        self.userns = False  # not root: a user namespace gives the namespaces, children drop every capability
         self.uid = UID_BASE + os.getpid() if self.is_root else os.getuid()
         self.gid = self.uid if self.is_root else os.getgid()
         self.cgroup_root = cgroup_root
@@ -206,15 +208,29 @@ class Zygote:
     def setup(self) -> None:
         prot = self.prot
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the parent's death ends the zygote, whose death ends the children
-        prot["uid"] = (f"active: children run as uid/gid {self.uid} (unique to this zygote), no groups"
-                       if self.is_root else f"inactive: not root, children keep uid {self.uid}")
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a task come back to us (reaped, killed), not to init
+        if not self.is_root:
+            self._enter_user_namespace()
+            if self.userns:
+                self._become_pid1()
+        if self.is_root:
+            prot["uid"] = f"active: children run as uid/gid {self.uid} (unique to this zygote), no groups"
+        elif self.userns:
+            prot["uid"] = (f"partial: children keep uid {self.uid} (0 inside a user namespace) with every capability "
+                           "dropped; they can write only their private tmpfs (everything else is read-only)")
+        else:
+            prot["uid"] = f"inactive: not root, children keep uid {self.uid}"
         self._setup_cgroups()
-        try:
-            self.host_net_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
-            unshare(CLONE_NEWNET)
-            prot["net_namespace"] = "active: empty network namespace (loopback down) unless limits.network"
-        except OSError as e:
-            prot["net_namespace"] = f"inactive: {e}"
+        if self.userns:  # joining the host network later needs privileges over it: give each task its own netns
+            prot["net_namespace"] = "active: a fresh empty network namespace per task unless limits.network"
+        else:
+            try:
+                self.host_net_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+                unshare(CLONE_NEWNET)
+                prot["net_namespace"] = "active: empty network namespace (loopback down) unless limits.network"
+            except OSError as e:
+                self.host_net_fd = None
+                prot["net_namespace"] = f"inactive: {e}"
         try:
             unshare(CLONE_NEWNS)
             mount("none", "/", None, MS_REC | MS_PRIVATE)
@@ -226,15 +242,46 @@ class Zygote:
                                        + (f"; {', '.join(exposed)}" if exposed else ""))
         except OSError as e:
             prot["mount_namespace"] = f"inactive: {e}"
-        try:
+        err = _try_in_child(_pidns_roundtrip)
+        if err is None:
             self.own_pid_fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
-            unshare(CLONE_NEWPID)
-            setns(self.own_pid_fd, CLONE_NEWPID)
             prot["pid_namespace"] = "active: each task is pid 1 of its own pid namespace; its end kills all it forked"
-        except OSError as e:
-            self.own_pid_fd = None
-            prot["pid_namespace"] = f"inactive: {e}; leftover processes are killed by uid and cgroup instead"
+        else:
+            prot["pid_namespace"] = (f"inactive: {err}; the zygote (a subreaper) kills and reaps what tasks leave "
+                                     "behind instead")
         self._probe_child()
+
+    def _enter_user_namespace(self) -> None:
+        """Not root: map our uid to 0 in a new user namespace, which allows the mount, pid, net and IPC namespaces
+        below (where unprivileged user namespaces are enabled)."""
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            unshare(CLONE_NEWUSER)
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", f"0 {uid} 1")
+            _write("/proc/self/gid_map", f"0 {gid} 1")
+            self.userns = True
+            self.prot["user_namespace"] = f"active: uid {uid} mapped to 0 in a private user namespace"
+        except OSError as e:
+            self.prot["user_namespace"] = f"inactive: {e}"
+
+    def _become_pid1(self) -> None:
+        """In a user namespace, setns() back to the original pid namespace is refused (the initial user namespace
+        owns it), so the per-task unshare/setns round trip needs a pid namespace our user namespace owns: the
+        zygote forks itself as pid 1 of one. The outer process only waits and passes on the exit code."""
+        try:
+            unshare(CLONE_NEWPID)
+        except OSError:
+            return
+        pid = os.fork()
+        if pid:
+            signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+            os._exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) & 0xFF)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        with contextlib.suppress(OSError):  # our own /proc, so that /proc/self/ns/pid is the new namespace
+            unshare(CLONE_NEWNS)
+            mount("none", "/", None, MS_REC | MS_PRIVATE)
+            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
 
     def _setup_cgroups(self) -> None:
         if not self.is_root:
@@ -365,6 +412,26 @@ class Zygote:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
+    def reap_descendants(self) -> None:
+        """Kill and reap every process left as our child: as subreaper we adopt whatever a task left behind when
+        no pid namespace took it down (setsid + double fork included). Fast path: no child at all."""
+        for _ in range(1000):
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            except ChildProcessError:
+                return
+            me = str(os.getpid())
+            for name in os.listdir("/proc"):
+                if name.isdigit():
+                    try:
+                        with open(f"/proc/{name}/stat") as f:
+                            if f.read().rsplit(")", 1)[1].split()[1] == me:
+                                os.kill(int(name), signal.SIGKILL)
+                    except (OSError, IndexError):
+                        pass
+            time.sleep(0.002)
+
     def _probe_child(self) -> None:
         """Fork one child through the full per-task setup with a trivial program; record what worked."""
         res = self.run({"code": "pass", "limits": {"wall_s": 10, "cpu_s": 10, "memory_mb": 256, "max_procs": 8,
@@ -395,7 +462,7 @@ class Zygote:
                 finally:
                     os._exit(111)
         finally:
-            if self.own_pid_fd is not None and os.getpid() != 1:
+            if self.own_pid_fd is not None:  # (the child never gets here: it ends in os._exit)
                 setns(self.own_pid_fd, CLONE_NEWPID)  # so the next unshare(CLONE_NEWPID) is allowed
         for name, (r, w) in fds.items():
             os.close(w if name != "stdin" else r)
@@ -476,8 +543,9 @@ class Zygote:
         if status_word is None:
             _, status_word, rusage = os.wait4(pid, 0)
         duration = time.monotonic() - t0
-        if self.own_pid_fd is None or not self.is_root:
+        if self.own_pid_fd is None:
             self.kill_leftovers()
+        self.reap_descendants()
         for fd in readers:  # drain what is left without blocking (writers are dead or being killed)
             os.set_blocking(fd, False)
             try:
@@ -492,6 +560,31 @@ class Zygote:
             os.close(fd)
         cpu = _child_cpu(rusage)
         return _classify(task, status_word, killed_by, out, duration, cpu, self.oom_kills() > oom_before)
+
+
+def _pidns_roundtrip() -> None:
+    fd = os.open("/proc/self/ns/pid", os.O_RDONLY)
+    unshare(CLONE_NEWPID)
+    setns(fd, CLONE_NEWPID)
+
+
+def _try_in_child(fn) -> str | None:
+    """Run fn in a throwaway child (so a half-done namespace change cannot stick to us); None if it worked."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            fn()
+            os._exit(0)
+        except BaseException as e:  # noqa: B036
+            os.write(w, repr(e).encode()[:500])
+            os._exit(1)
+    os.close(w)
+    msg = os.read(r, 600).decode(errors="replace")
+    os.close(r)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return None if code == 0 else (msg or f"exit {code}")
 
 
 def _write(path: str, text: str) -> None:
@@ -625,12 +718,16 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
     is_probe = task.get("probe", False)
     prot = z.prot
     os.setsid()
-    if z.is_root:  # namespace and cgroup steps first: they use the zygote's fds, which the dup2s below may reuse
+    user_procs = 0 if z.is_root else _count_user_procs(os.getuid())  # before /proc is replaced
+    with contextlib.suppress(OSError):
         _write("/proc/self/oom_score_adj", "1000")  # under memory pressure the kernel picks sandboxes first
+    if z.is_root or z.userns:  # namespace and cgroup steps first: they use the zygote's fds (the dup2s reuse them)
         for path in z.cgroups.values():
             _write(os.path.join(path, "cgroup.procs"), "0")
         if lim.get("network") and z.host_net_fd is not None:
             setns(z.host_net_fd, CLONE_NEWNET)
+        if z.userns and not lim.get("network"):
+            unshare(CLONE_NEWNET)
         _private_dirs(z, lim, probe if is_probe else None)
     # stdio: the task's pipes on 0/1/2, meta on 3, rpc on 4/5 when given; everything else closed. Sources are
     # first copied above every target so that no dup2 clobbers a source still to be moved.
@@ -649,11 +746,13 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
         home = tempfile.mkdtemp(prefix="spogw-sbx-")
         if z.is_root:
             os.chown(home, z.uid, z.gid)
-    _set_rlimits(lim, z.is_root, probe if is_probe else None)
+    _set_rlimits(lim, z.is_root, user_procs, probe if is_probe else None)
     if z.is_root:
         os.setgroups([])
         os.setgid(z.gid)
         os.setuid(z.uid)
+    elif z.userns:
+        _drop_capabilities()
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid: changing credentials clears it
     if is_probe:
@@ -706,7 +805,8 @@ def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> None:
             mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,nr_inodes=8192,mode=1777")
             mounted.append(d)
     os.mkdir("/tmp/work", 0o700)
-    os.chown("/tmp/work", z.uid, z.gid)
+    if z.is_root:
+        os.chown("/tmp/work", z.uid, z.gid)
     if z.own_pid_fd is not None:
         try:
             mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -719,13 +819,25 @@ def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> None:
         probe.append(f"private_tmp=active: fresh {size_mb} MB tmpfs on {', '.join(mounted)}; IPC namespace private")
 
 
-def _set_rlimits(lim: dict, is_root: bool, probe: list[str] | None) -> None:
+def _drop_capabilities() -> None:
+    """Inside our user namespace the child is uid 0 with every capability over its namespaces: drop them all
+    (bounding set, ambient, effective/permitted/inheritable) before running untrusted code."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == errno.EINVAL:
+            break  # past the last capability this kernel knows
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    header = struct.pack("Ii", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = ctypes.create_string_buffer(24)  # two empty {effective, permitted, inheritable}
+    _check(_libc.capset(ctypes.c_char_p(header), data), "capset")
+
+
+def _set_rlimits(lim: dict, is_root: bool, user_procs: int, probe: list[str] | None) -> None:
     mem = int(lim["memory_mb"]) << 20
     cpu = max(1, int(float(lim["cpu_s"]) + 0.999))
     fsize = int(lim["file_size_mb"]) << 20
     nproc = int(lim["max_procs"])
     if not is_root:  # RLIMIT_NPROC counts every process of the user: allow the ones that already exist
-        nproc += _count_user_procs(os.getuid())
+        nproc += user_procs
     settings = [(resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_FSIZE, fsize),
                 (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0)]
     for which, value in settings:
