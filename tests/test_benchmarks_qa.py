@@ -49,6 +49,8 @@ def test_hotpot_f1_matches_hand_computed_values(prediction, gold, f1):
         ("", "83", 0.0),
         (["Smith", "Jones"], ["Jones", "Smith"], 1.0),  # spans aligned one to one
         ("Smith", ["Smith", "Jones"], 0.5),  # one of two gold spans found
+        (["Jones", "Smith", "Brown"], ["Smith", "Jones"], 0.67),  # 2 matched of max(3, 2) spans
+        (["John Smith", "Jones"], ["Jones", "Smith"], 0.83),  # (2/3 + 1) / 2, rounded
     ],
 )
 def test_drop_f1_matches_hand_computed_values(prediction, gold, f1):

@@ -16,6 +16,7 @@ Each script takes the maximum over the gold alternatives; :func:`max_over_golds`
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from collections import Counter
@@ -105,20 +106,23 @@ def drop_f1(prediction: str | Sequence[str], gold: str | Sequence[str]) -> float
 
 
 def _best_assignment(scores: list[list[float]]) -> list[float]:
-    """Per gold span, its F1 under the one-to-one span matching that maximises the total (Hungarian)."""
+    """The F1s of the one-to-one gold/predicted span matching with the largest total (what the official script gets
+    from the Hungarian algorithm). Exhaustive for the handful of spans DROP answers have; scipy beyond that."""
     if not scores or not scores[0]:
         return []
-    if len(scores) == 1 or len(scores[0]) == 1:  # one span on either side: the best single match
-        if len(scores) == 1:
-            return [max(scores[0])]
-        j = max(range(len(scores)), key=lambda i: scores[i][0])
-        return [scores[j][0]]
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment
+    n_gold, n_pred = len(scores), len(scores[0])
+    if max(n_gold, n_pred) > 7:
+        import numpy as np
+        from scipy.optimize import linear_sum_assignment
 
-    matrix = np.asarray(scores, dtype=float)
-    rows, cols = linear_sum_assignment(-matrix)
-    return [float(matrix[r, c]) for r, c in zip(rows, cols, strict=True)]
+        matrix = np.asarray(scores, dtype=float)
+        rows, cols = linear_sum_assignment(-matrix)
+        return [float(matrix[r, c]) for r, c in zip(rows, cols, strict=True)]
+    if n_gold <= n_pred:
+        pairs = ([scores[g][p] for g, p in enumerate(perm)] for perm in itertools.permutations(range(n_pred), n_gold))
+    else:
+        pairs = ([scores[g][p] for p, g in enumerate(perm)] for perm in itertools.permutations(range(n_gold), n_pred))
+    return max(pairs, key=sum)
 
 
 def max_over_golds(metric: Callable[[str, str], float], prediction: str, golds: Iterable[str]) -> tuple[float, str]:
