@@ -304,6 +304,63 @@ def test_attack_kernel_surface_refused(pool):
     assert res.stdout.split() == ["-1", "-1", "-1"]
 
 
+NOT_ROOT_SCRIPT = """
+set -e
+mount --make-rprivate /
+view=$(mktemp -d)
+# the interpreter may sit under /root (mode 700): expose it to 'nobody' in this private mount namespace only
+case "$PY_HOME" in /root/*) mount --bind /root "$view"; mount -t tmpfs -o mode=755 tmpfs /root
+    mkdir -p "$PY_HOME"; mount --bind "$view/${PY_HOME#/root/}" "$PY_HOME";; esac
+exec setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PATH=/usr/bin:/bin "$PY" -c "$CODE"
+"""
+
+NOT_ROOT_CODE = """
+import json, os, time
+from spogw.runtime.sandbox import SandboxLimits, SandboxPool
+mine = '/tmp/owned_by_the_caller'
+open(mine, 'w').write('mine')
+out = {}
+with SandboxPool(1, SandboxLimits(wall_s=2, cpu_s=2, memory_mb=256, max_procs=16)) as p:
+    out['protections'] = p.protections
+    escape = 'import os, time\\nif os.fork() == 0:\\n    os.setsid()\\n    time.sleep(60)\\nprint(1)'
+    out['escape'] = p.run(escape).status
+    out['write_own_file'] = p.run(f'open({mine!r}, "w").write("pwned")').status
+    out['bomb'] = p.run('import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n'
+                        '        pass').status
+    out['after'] = p.run('print(6 * 7)').stdout
+time.sleep(0.3)
+out['mine'] = open(mine).read()
+out['left'] = [l for l in os.popen('ps -u 65534 -o pid=,cmd=').read().splitlines() if ' -I ' in l]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not ROOT, reason="needs root to become 'nobody' in a private mount namespace")
+def test_not_root_degrades_to_user_namespace():
+    """As an ordinary user the sandbox uses a user namespace: no cgroups, no uid of its own, still contained."""
+    import json
+    import shutil
+    import subprocess
+
+    if not (shutil.which("unshare") and shutil.which("setpriv")):
+        pytest.skip("unshare/setpriv not installed")
+    py_home = os.path.realpath(sys.base_prefix)
+    env = {"PY": sys.executable, "PY_HOME": py_home, "CODE": NOT_ROOT_CODE, "PATH": os.environ["PATH"]}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", NOT_ROOT_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    if proc.returncode != 0 and "Permission denied" in proc.stderr and "spogw" not in proc.stderr:
+        pytest.skip(f"cannot run as nobody here: {proc.stderr[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    prot = out["protections"]
+    assert prot["uid"].startswith(("partial", "inactive")) and prot["cgroup"].startswith("inactive")
+    if prot.get("user_namespace", "").startswith("active"):
+        assert prot["pid_namespace"].startswith("active") and prot["mount_namespace"].startswith("active")
+        assert out["mine"] == "mine"  # the caller's own file stayed out of reach
+    assert out["escape"] == "ok" and out["bomb"] == "timeout" and out["after"] == "42\n"
+    assert out["left"] == [], "a detached process outlived its task"
+
+
 # ---------------------------------------------------------------------------------------------------------- the pool
 
 
