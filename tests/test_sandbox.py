@@ -330,7 +330,8 @@ with SandboxPool(1, SandboxLimits(wall_s=2, cpu_s=2, memory_mb=256, max_procs=16
     out['after'] = p.run('print(6 * 7)').stdout
 time.sleep(0.3)
 out['mine'] = open(mine).read()
-out['left'] = [l for l in os.popen('ps -u 65534 -o pid=,cmd=').read().splitlines() if ' -I ' in l]
+procs = [l.split() for l in os.popen('ps -u 65534 -o pid=,comm=').read().splitlines()]
+out['left'] = [p for p in procs if 'python' in p[-1] and int(p[0]) != os.getpid()]
 print(json.dumps(out))
 """
 
