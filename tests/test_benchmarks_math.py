@@ -136,7 +136,17 @@ def test_extraction_order(text, expected):
 
 def test_last_boxed_balances_braces():
     assert last_boxed("x \\boxed{\\frac{a}{b}} y") == "\\frac{a}{b}"
+    assert last_boxed("\\boxed{a} \\boxed{b") == "a"
+    assert last_boxed("\\boxed{a \\boxed{b} c") == "b"
     assert last_boxed("nothing") is None
+
+
+def test_thousands_of_unclosed_boxes_take_linear_time():
+    import time
+
+    start = time.monotonic()
+    assert last_boxed("\\boxed{1} " + "\\boxed{" * 100_000) == "1"
+    assert time.monotonic() - start < 5  # a rescan per box would take minutes
 
 
 @pytest.mark.parametrize(

@@ -42,20 +42,26 @@ _NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?(?:\s*/\s*\
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` in ``text`` (braces balanced), or None."""
+    """Content of the last balanced ``\\boxed{...}`` / ``\\fbox{...}`` in ``text``, or None.
+
+    Linear time even for thousands of unclosed boxes: when a box never closes, no earlier box can close after
+    its start (it would have to close the later one first), so each earlier scan stops there.
+    """
+    limit = len(text)
     for m in reversed(list(_BOX.finditer(text))):
         i = m.end()
         if i < len(text) and text[i] == "{":
             depth = 0
-            for j in range(i, len(text)):
+            for j in range(i, limit):
                 if text[j] == "{":
                     depth += 1
                 elif text[j] == "}":
                     depth -= 1
                     if depth == 0:
                         return text[i + 1 : j].strip()
-            continue  # unbalanced: try an earlier box
-        if m.group(0) != m.group(0).rstrip():  # "\boxed 5": the next token
+            limit = m.start()  # unbalanced: try an earlier box, within the text before this one
+            continue
+        if m.group(0) != m.group(0).rstrip():  # "\\boxed 5": the next token
             tok = re.match(r"[^\s$]+", text[i:])
             if tok:
                 return tok.group(0)
