@@ -22,6 +22,12 @@ def user(text: str) -> list[dict]:
     return [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
 
 
+@pytest.fixture(params=["openai", "lean"])
+def transport(request) -> str:
+    """Both transports must behave the same under every fault."""
+    return request.param
+
+
 def make(stub: OpenAIStub, **kw) -> OpenAIExecutor:
     kw.setdefault("timeout_s", 5.0)
     kw.setdefault("max_retries", 3)
@@ -35,9 +41,9 @@ async def gather_chats(executor: Executor, texts: list[str], **kw) -> list[ChatR
         await executor.aclose()  # clients belong to this event loop
 
 
-def test_replies_tokens_and_cost_are_accounted():
+def test_replies_tokens_and_cost_are_accounted(transport):
     with OpenAIStub() as stub:
-        ex = make(stub, price_in_per_m=1_000_000.0, price_out_per_m=2_000_000.0)
+        ex = make(stub, price_in_per_m=1_000_000.0, price_out_per_m=2_000_000.0, transport=transport)
         results = asyncio.run(gather_chats(ex, [f"question {i}" for i in range(50)]))
     assert [r.text for r in results] == [f"echo: question {i}" for i in range(50)]
     # the stub counts words: prompt "be brief" + "question i" = 4, reply "echo: question i" = 3
@@ -51,9 +57,9 @@ def test_replies_tokens_and_cost_are_accounted():
     assert stub.requests == 50
 
 
-def test_429_and_500_are_retried_until_they_succeed():
+def test_429_and_500_are_retried_until_they_succeed(transport):
     with OpenAIStub() as stub:
-        ex = make(stub, max_retries=3)
+        ex = make(stub, max_retries=3, transport=transport)
         r429, r500 = asyncio.run(gather_chats(ex, ["a #fail:429*2", "b #fail:500*3"]))
     assert r429.ok and r429.text == "echo: a #fail:429*2"
     assert r500.ok and r500.text == "echo: b #fail:500*3"
@@ -61,9 +67,9 @@ def test_429_and_500_are_retried_until_they_succeed():
     assert stub.stats.by_outcome["429"] == 2 and stub.stats.by_outcome["500"] == 3
 
 
-def test_hard_failures_are_recorded_with_their_cause():
+def test_hard_failures_are_recorded_with_their_cause(transport):
     with OpenAIStub() as stub:
-        ex = make(stub, max_retries=1, timeout_s=0.5)
+        ex = make(stub, max_retries=1, timeout_s=0.5, transport=transport)
         texts = ["x #fail:500*9", "y #fail:429*9", "z #hang*9", "w #malformed*1", "fine"]
         results = dict(zip(texts, asyncio.run(gather_chats(ex, texts)), strict=True))
     assert "HTTP 500" in results["x #fail:500*9"].error and "after 1 retries" in results["x #fail:500*9"].error
@@ -78,18 +84,18 @@ def test_hard_failures_are_recorded_with_their_cause():
     assert usage.failed_calls == 4 and len(usage.errors) == 4
 
 
-def test_connection_refused_is_recorded():
+def test_connection_refused_is_recorded(transport):
     with OpenAIStub() as stub:
         url = stub.base_url
-    ex = OpenAIExecutor(url, "m", api_key_env="SPOGW_TEST_NO_KEY", max_retries=1, timeout_s=2)
+    ex = OpenAIExecutor(url, "m", api_key_env="SPOGW_TEST_NO_KEY", max_retries=1, timeout_s=2, transport=transport)
     (result,) = asyncio.run(gather_chats(ex, ["anyone there?"]))
-    assert not result.ok and "Connection" in result.error
+    assert not result.ok and "Connect" in result.error and "after 1 retries" in result.error
 
 
-def test_nothing_is_lost_across_hundreds_of_concurrent_calls_with_faults():
+def test_nothing_is_lost_across_hundreds_of_concurrent_calls_with_faults(transport):
     cfg = StubConfig(latency=0.01, fail_rate=0.15, fail_kinds=("429", "500", "malformed"), seed=3)
     with OpenAIStub(cfg) as stub:
-        ex = make(stub, concurrency=32, max_retries=4)
+        ex = make(stub, concurrency=32, max_retries=4, transport=transport)
         texts = [f"job {i}" for i in range(400)]
         results = asyncio.run(gather_chats(ex, texts))
         assert stub.stats.max_in_flight <= 32
@@ -102,9 +108,9 @@ def test_nothing_is_lost_across_hundreds_of_concurrent_calls_with_faults():
     assert stub.stats.by_outcome["429"] + stub.stats.by_outcome["500"] > 0
 
 
-def test_concurrency_bound_is_respected():
+def test_concurrency_bound_is_respected(transport):
     with OpenAIStub(StubConfig(latency=0.1)) as stub:
-        ex = make(stub, concurrency=4)
+        ex = make(stub, concurrency=4, transport=transport)
         start = time.perf_counter()
         asyncio.run(gather_chats(ex, [f"q{i}" for i in range(16)]))
         elapsed = time.perf_counter() - start

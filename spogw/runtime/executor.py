@@ -15,7 +15,9 @@ Both are wrapped by :class:`spogw.runtime.cache.CachedExecutor` for the persiste
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,10 +102,20 @@ class Executor(Protocol):
 
 
 def describe_error(exc: BaseException) -> str:
-    """A one-line cause for a failed call: class, HTTP status when there is one, message."""
-    status = getattr(exc, "status_code", None)
-    message = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + (f": {message}" if message else "")
+    """A one-line cause for a failed call: class, HTTP status when there is one, message, and the root cause.
+
+    The root of the exception chain is added because client libraries re-label faults on the way up
+    (openai's aiohttp transport reports a refused connection as a connect *timeout*)."""
+    def one(e: BaseException) -> str:
+        status = getattr(e, "status_code", None)
+        message = str(e).splitlines()[0][:300] if str(e) else ""
+        return f"{type(e).__name__}" + (f" (HTTP {status})" if status else "") + (f": {message}" if message else "")
+
+    root, seen = exc, {id(exc)}
+    while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        root = nxt
+    return one(exc) + (f" [cause: {one(root)}]" if root is not exc else "")
 
 
 class OpenAIExecutor:
@@ -112,12 +124,18 @@ class OpenAIExecutor:
     The key is read from the environment variable ``api_key_env`` (a local ``vllm serve`` accepts
     any key, so a missing variable falls back to ``"EMPTY"`` there, but not for api.openai.com).
     Prices are USD per 1M tokens (gpt-4o-mini: 0.15 in, 0.60 out).
+
+    ``transport="openai"`` (default) sends through ``openai.AsyncOpenAI`` and its retry machinery;
+    ``http_backend`` picks its HTTP layer (``auto``: aiohttp when installed, which costs less CPU per
+    call than httpx at high concurrency). ``transport="lean"`` speaks the same protocol over bare
+    aiohttp with the same retry policy (:class:`_LeanClient`): ~4x less CPU per call, which matters
+    when one event loop keeps 64+ calls in flight on a small CPU (benchmarks/executor_throughput.py).
     """
 
     def __init__(self, base_url: str | None = None, model: str = "gpt-4o-mini", *,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64, timeout_s: float = 60.0,
                  max_retries: int = 4, price_in_per_m: float = 0.0, price_out_per_m: float = 0.0,
-                 extra_body: dict | None = None):
+                 extra_body: dict | None = None, transport: str = "openai", http_backend: str = "auto"):
         if concurrency < 1:
             raise ValueError(f"`concurrency` must be >= 1, got {concurrency}")
         if timeout_s <= 0:
@@ -127,6 +145,11 @@ class OpenAIExecutor:
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
         self.price_in_per_m, self.price_out_per_m = price_in_per_m, price_out_per_m
         self.extra_body = extra_body or {}
+        if transport not in ("openai", "lean"):
+            raise ValueError(f"`transport` must be openai or lean, got {transport!r}")
+        if http_backend not in ("auto", "aiohttp", "httpx"):
+            raise ValueError(f"`http_backend` must be auto, aiohttp or httpx, got {http_backend!r}")
+        self.transport, self.http_backend = transport, http_backend
         self.identity = f"openai:{model}"
         self._per_loop: dict[int, tuple[Any, asyncio.Semaphore, asyncio.AbstractEventLoop]] = {}
 
@@ -144,13 +167,33 @@ class OpenAIExecutor:
         loop = asyncio.get_running_loop()
         pair = self._per_loop.get(id(loop))
         if pair is None or pair[2] is not loop:
-            from openai import AsyncOpenAI
+            if self.transport == "lean":
+                client = _LeanClient(self.base_url or "https://api.openai.com/v1", self._api_key(), self.timeout_s,
+                                     self.max_retries)
+            else:
+                from openai import AsyncOpenAI
 
-            client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key(), timeout=self.timeout_s,
-                                 max_retries=self.max_retries)
+                client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key(), timeout=self.timeout_s,
+                                     max_retries=self.max_retries, http_client=self._http_client())
             pair = (client, asyncio.Semaphore(self.concurrency), loop)
             self._per_loop[id(loop)] = pair
         return pair[0], pair[1]
+
+    def _http_client(self):
+        # openai's default httpx2 pool scans every pooled connection on each request (~1 ms of CPU per call at
+        # 64 connections); its aiohttp transport does not, which is what lets one event loop keep 64+ calls in
+        # flight at the latency bound (benchmarks/executor_throughput.py).
+        if self.http_backend == "httpx":
+            return None
+        try:
+            import aiohttp  # noqa: F401
+            from openai import DefaultAioHttpClient
+        except ImportError:
+            if self.http_backend == "aiohttp":
+                raise RuntimeError("`--executor.http_backend aiohttp` needs the package aiohttp "
+                                   "(pip install 'openai[aiohttp]')") from None
+            return None
+        return DefaultAioHttpClient(timeout=self.timeout_s)
 
     async def chat(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int = 1024,
                    run_index: int = 0, repeat: int = 0) -> ChatResult:
@@ -158,20 +201,18 @@ class OpenAIExecutor:
         async with limit:
             start = time.perf_counter()
             try:
-                response = await client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens,
-                    extra_body=self.extra_body or None)
-                text = response.choices[0].message.content
-                if text is None:
-                    raise ValueError(f"reply has no content (finish_reason={response.choices[0].finish_reason})")
+                # The low-level ``post`` keeps the client's retries, backoff, Retry-After, timeout and auth, and
+                # skips its typed request transform and pydantic response model (~0.5 ms of CPU per call, which at
+                # c = 64 is what separates 0.7 from 0.9 of the latency bound). We need three fields of the reply.
+                body = {"model": self.model, "messages": messages, "temperature": temperature,
+                        "max_tokens": max_tokens, **self.extra_body}
+                data = await client.post("/chat/completions", body=body, cast_to=object)
+                text, pin, pout = _read_completion(data)
             except Exception as exc:  # every remote fault becomes a recorded failure, never an escape
                 cause = describe_error(exc)
                 if self.max_retries and _retryable(exc):
                     cause += f" (after {self.max_retries} retries)"
                 return ChatResult("", latency_s=time.perf_counter() - start, error=cause)
-            usage = response.usage
-            pin = getattr(usage, "prompt_tokens", 0) or 0
-            pout = getattr(usage, "completion_tokens", 0) or 0
             cost = (pin * self.price_in_per_m + pout * self.price_out_per_m) / 1e6
             return ChatResult(text, pin, pout, cost, time.perf_counter() - start)
 
@@ -181,13 +222,104 @@ class OpenAIExecutor:
         self._per_loop.clear()
 
 
-def _retryable(exc: BaseException) -> bool:
-    import openai
+class MalformedReply(ValueError):
+    """A 200 reply that is not a chat completion."""
 
-    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return True
+
+def _read_completion(data: object) -> tuple[str, int, int]:
+    """(text, prompt tokens, completion tokens) of a chat-completions JSON body."""
+    try:
+        choice = data["choices"][0]  # type: ignore[index]
+        text = choice["message"]["content"]
+        usage = data.get("usage") or {}  # type: ignore[union-attr]
+    except (KeyError, IndexError, TypeError, AttributeError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        raise MalformedReply(f"reply is not a chat completion ({detail}): {str(data)[:200]}") from None
+    if not isinstance(text, str):
+        raise MalformedReply(f"reply has no text content (finish_reason={choice.get('finish_reason')!r})")
+    return text, int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _retryable_status(status: int) -> bool:
+    return status in (408, 409, 429) or status >= 500
+
+
+def _retryable(exc: BaseException) -> bool:
+    """The faults both transports retry: 408/409/429/5xx, connection errors and timeouts (openai-python's policy)."""
     status = getattr(exc, "status_code", None)
-    return status is not None and (status in (408, 409, 429) or status >= 500)
+    if status is not None:
+        return _retryable_status(status)
+    if isinstance(exc, asyncio.TimeoutError | ConnectionError):
+        return True
+    try:
+        import aiohttp
+        import openai
+    except ImportError:  # pragma: no cover - both come with the runtime extra
+        return False
+    return isinstance(exc, openai.APIConnectionError | aiohttp.ClientConnectionError)
+
+
+class HTTPStatusError(RuntimeError):
+    """A non-200 reply (lean transport); ``status_code`` as on openai's errors."""
+
+    def __init__(self, status_code: int, body: bytes):
+        super().__init__(body.decode("utf-8", "replace")[:300])
+        self.status_code = status_code
+
+
+class _LeanClient:
+    """OpenAI chat completions over bare aiohttp, with openai-python's retry policy.
+
+    Retries 408/409/429/5xx, connection errors and timeouts up to ``max_retries`` times, waiting what
+    the server asks (``retry-after-ms`` / ``Retry-After``, up to 60 s) or 0.5 s * 2^n (at most 8 s) less
+    up to 25 % jitter. A 200 whose body is not JSON is not retried (it is a server bug, not load).
+    """
+
+    def __init__(self, base_url: str, api_key: str, timeout_s: float, max_retries: int):
+        import aiohttp
+
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.max_retries = max_retries
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                             headers={"Authorization": f"Bearer {api_key}"})
+
+    async def post(self, path: str, *, body: dict, cast_to: type = object) -> dict:
+        import aiohttp
+
+        for attempt in range(self.max_retries + 1):
+            wait = None
+            try:
+                async with self.session.post(self.url, json=body, timeout=self.timeout) as resp:
+                    raw = await resp.read()
+                    if resp.status == 200:
+                        return json.loads(raw)
+                    error: BaseException = HTTPStatusError(resp.status, raw)
+                    if not _retryable_status(resp.status):
+                        raise error
+                    wait = _retry_after(resp.headers)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                error = exc
+            if attempt == self.max_retries:
+                raise error
+            if wait is None:
+                wait = min(0.5 * 2.0**attempt, 8.0) * (1 - 0.25 * random.random())
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+def _retry_after(headers) -> float | None:
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        try:
+            value = float(headers.get(name, "")) * scale
+        except ValueError:
+            continue
+        if 0 < value <= 60:
+            return value
+    return None
 
 
 @dataclass

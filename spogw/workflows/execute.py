@@ -8,6 +8,7 @@ back to the parent through ``rpc`` (see ``spogw.runtime.runner``).
 
 from __future__ import annotations
 
+import functools
 import traceback
 from collections.abc import Awaitable, Sequence
 from types import SimpleNamespace
@@ -59,8 +60,13 @@ def instantiate(code: str, offered: Sequence[str], llm) -> Any:
     """Execute the workflow module with ``operator`` bound to the offered operators; return ``Workflow(llm)``."""
     ops = {name: OPERATORS[name] for name in offered}
     namespace: dict[str, Any] = {"__name__": "spogw_workflow", "operator": SimpleNamespace(**ops), **ops}
-    exec(compile(code, "<workflow>", "exec"), namespace)
+    exec(_compiled(code), namespace)
     return namespace["Workflow"](llm)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(code: str):
+    return compile(code, "<workflow>", "exec")
 
 
 def normalize_output(value: Any) -> str:

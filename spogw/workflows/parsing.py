@@ -25,6 +25,7 @@ does not offer, imports outside :data:`ALLOWED_IMPORTS`, and reflection/escape h
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from dataclasses import dataclass
 
@@ -72,7 +73,14 @@ def extract_workflow_code(text: str) -> str:
 
 
 def parse_workflow(text: str, *, family: str) -> ParsedWorkflow:
-    """Extract and validate a workflow for ``family``; raise :class:`InvalidWorkflow` with the reason."""
+    """Extract and validate a workflow for ``family``; raise :class:`InvalidWorkflow` with the reason.
+
+    Results are memoised per (text, family): the score stage runs each workflow r times."""
+    return _parse_workflow(text, family)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_workflow(text: str, family: str) -> ParsedWorkflow:
     spec = load_family(family)
     code = extract_workflow_code(text)
     if not code.strip():
