@@ -362,6 +362,25 @@ def test_not_root_degrades_to_user_namespace():
     assert out["left"] == [], "a detached process outlived its task"
 
 
+def test_nested_sandbox_degrades_and_still_contains():
+    """A sandboxed program that starts a sandbox itself (e.g. a workflow running its Programmer's code directly)
+    gets the protections left to it (seccomp forbids new namespaces): recorded, and still a private directory."""
+    inner = (
+        "import os\nfrom spogw.runtime.sandbox import SandboxLimits, run_program\n"
+        "r = run_program(\"import os\\nopen('f', 'w').write('x')\\nprint(os.getcwd())\")\n"
+        "print(r.status, r.stdout.strip(), sorted(k for k, v in r.protections.items() if v.startswith('active')))\n"
+        "print(run_program('while True:\\n    pass', limits=SandboxLimits(wall_s=1)).status)\n"
+        "print(os.listdir('/tmp'))"
+    )
+    res = run_program(inner, limits=SandboxLimits(wall_s=30))
+    assert res.status == "ok", (res.reason, res.stderr[-1000:])
+    first, second, third = res.stdout.splitlines()
+    status, cwd, active = first.split(" ", 2)
+    assert status == "ok" and "/spogw-sbx-" in cwd and "seccomp" in active and "rlimits" in active
+    assert second == "timeout"
+    assert "spogw-sbx" not in third  # the inner zygote removed the task's directory
+
+
 # ---------------------------------------------------------------------------------------------------------- the pool
 
 

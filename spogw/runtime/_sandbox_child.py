@@ -448,6 +448,13 @@ class Zygote:
         lim = task["limits"]
         self.set_cgroup_limits(int(lim["memory_mb"]), int(lim["max_procs"]))
         oom_before = self.oom_kills()
+        workdir = None
+        if not self.prot.get("mount_namespace", "").startswith("active"):  # no private tmpfs: a directory of its own
+            import tempfile
+
+            workdir = task["_workdir"] = tempfile.mkdtemp(prefix="spogw-sbx-")
+            if self.is_root:
+                os.chown(workdir, self.uid, self.gid)
         fds = {name: os.pipe() for name in ("stdin", "stdout", "stderr", "meta")}
         sys.stdout.flush()
         sys.stderr.flush()
@@ -466,7 +473,13 @@ class Zygote:
                 setns(self.own_pid_fd, CLONE_NEWPID)  # so the next unshare(CLONE_NEWPID) is allowed
         for name, (r, w) in fds.items():
             os.close(w if name != "stdin" else r)
-        return self._supervise(pid, task, fds, t0, oom_before)
+        try:
+            return self._supervise(pid, task, fds, t0, oom_before)
+        finally:
+            if workdir:
+                import shutil
+
+                shutil.rmtree(workdir, ignore_errors=True)  # fd-based, does not follow the task's symlinks
 
     def _supervise(self, pid: int, task: dict, fds: dict, t0: float, oom_before: int) -> dict:
         lim = task["limits"]
@@ -704,7 +717,11 @@ def _child(z: Zygote, task: dict, fds: dict) -> None:
         _isolate(z, task, fds, probe)
     except BaseException as e:  # fail closed: never run untrusted code half-isolated
         meta_fd = 3 if task.get("_stdio_moved") else fds["meta"][1]
-        os.write(meta_fd, (json.dumps({"exc": {"type": "SandboxSetupError", "msg": f"sandbox setup: {e!r}"}})
+        import traceback
+
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        msg = f"sandbox setup: {e!r} in {where.name}() line {where.lineno}"
+        os.write(meta_fd, (json.dumps({"exc": {"type": "SandboxSetupError", "msg": msg}})
                            + "\n").encode())
         os._exit(112)
     if task.get("probe"):
@@ -718,6 +735,7 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
     is_probe = task.get("probe", False)
     prot = z.prot
     os.setsid()
+    private = False
     user_procs = 0 if z.is_root else _count_user_procs(os.getuid())  # before /proc is replaced
     with contextlib.suppress(OSError):
         _write("/proc/self/oom_score_adj", "1000")  # under memory pressure the kernel picks sandboxes first
@@ -728,24 +746,21 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
             setns(z.host_net_fd, CLONE_NEWNET)
         if z.userns and not lim.get("network"):
             unshare(CLONE_NEWNET)
-        _private_dirs(z, lim, probe if is_probe else None)
+        private = _private_dirs(z, lim, probe if is_probe else None)
     # stdio: the task's pipes on 0/1/2, meta on 3, rpc on 4/5 when given; everything else closed. Sources are
     # first copied above every target so that no dup2 clobbers a source still to be moved.
     rpc = task.get("rpc")
     sources = [fds["stdin"][0], fds["stdout"][1], fds["stderr"][1], fds["meta"][1]] + (list(rpc) if rpc else [])
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in sources]
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 8) for fd in sources]  # free fds above every target
     for target, fd in enumerate(high):
         os.dup2(fd, target)
     os.closerange(len(high), 1 << 16)
     task["_stdio_moved"] = True
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    home = "/tmp/work" if os.path.isdir("/tmp/work") else None
-    if home is None:  # no mount namespace (or not root): a private directory under the real /tmp
-        import tempfile
-        home = tempfile.mkdtemp(prefix="spogw-sbx-")
-        if z.is_root:
-            os.chown(home, z.uid, z.gid)
+    if not private and "_workdir" not in task:
+        raise SandboxSetupError("no private working directory: the per-task tmpfs could not be mounted")
+    home = "/tmp/work" if private else task["_workdir"]  # else: made (and removed) by the zygote
     _set_rlimits(lim, z.is_root, user_procs, probe if is_probe else None)
     if z.is_root:
         os.setgroups([])
@@ -787,7 +802,7 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
             f.write(text)
 
 
-def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> None:
+def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> bool:
     """New mount + IPC namespace; fresh size-capped tmpfs on every world-writable directory; /proc for the pid ns."""
     mounted = []
     try:
@@ -795,10 +810,10 @@ def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> None:
     except OSError as e:
         if probe is not None:
             probe.append(f"private_tmp=inactive: {e}; a private directory under the real /tmp is used")
-            return
+            return False
         if z.prot.get("private_tmp", "").startswith("active"):
             raise
-        return
+        return False
     size_mb = max(16, 4 * int(lim["file_size_mb"]))
     for d in WRITABLE_DIRS:
         if os.path.isdir(d):
@@ -817,6 +832,7 @@ def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> None:
                 probe.append(f"private_proc=inactive: {e}")
     if probe is not None:
         probe.append(f"private_tmp=active: fresh {size_mb} MB tmpfs on {', '.join(mounted)}; IPC namespace private")
+    return True
 
 
 def _drop_capabilities() -> None:
