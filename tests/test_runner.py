@@ -154,7 +154,7 @@ def mixed_jobs(n: int) -> tuple[list[WorkflowJob], list[str]]:
 
 
 def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_path):
-    jobs, expected = mixed_jobs(40)
+    jobs, expected = mixed_jobs(24)
     progress: list[int] = []
     with OpenAIStub(StubConfig(responder=RESPONDER, latency=0.05)) as stub:
 
@@ -166,7 +166,7 @@ def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_p
 
         cold, total = asyncio.run(stage(CachedExecutor(executor(stub, max_retries=0), tmp_path / "s.sqlite")))
         assert [r.status for r in cold] == expected
-        assert progress == list(range(1, 41))
+        assert progress == list(range(1, 25))
         ok = [r for r in cold if r.ok]
         assert all(r.output.startswith("Step by step") for r in ok)
         assert all(r.reason for r in cold if not r.ok)
@@ -181,3 +181,32 @@ def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_p
         assert stub.requests == expected.count("executor_error")
         assert [r.output for r in warm if r.ok] == [r.output for r in ok]
         assert warm_ex.hits == sum(1 for k in expected if k in ("ok", "error"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from spogw.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def test_embedded_local_executor_batches_calls_from_concurrent_sandboxed_workflows(tiny_model, tmp_path):
+    from spogw.runtime.executor import LocalExecutor
+
+    local = LocalExecutor(tiny_model, max_batch=8, gather_ms=200)
+    cached = CachedExecutor(local, tmp_path / "local.sqlite")
+    template = load_family("qa").template  # two dependent calls per workflow: AnswerGenerate, then Format
+    jobs = [WorkflowJob(template, {"id": str(i), "question": f"Who wrote book number {i}?"}, "qa") for i in range(6)]
+
+    async def stage():
+        try:
+            return await run_many(jobs, cached, concurrency=6, max_tokens=8)
+        finally:
+            await local.aclose()
+
+    results, total = asyncio.run(stage())
+    assert [r.status for r in results] == ["ok"] * 6, [r.reason for r in results]
+    assert total.calls == 12 and total.completion_tokens > 0 and total.cost_usd == 0
+    # twelve calls from six separate sandboxed children, answered by far fewer batched generate calls
+    assert local.generate_calls < 12 and max(local.batch_sizes) > 1
+    assert sum(local.batch_sizes) == 12
