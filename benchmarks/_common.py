@@ -110,19 +110,44 @@ def hwm_bytes() -> int:
     return 0
 
 
+class PeakMemory:
+    """RSS before the steps, peak RSS during them (``VmHWM`` after a reset) and the process's peak RSS."""
+
+    def start(self) -> None:
+        self.before = rss_now_bytes()
+        self.reset_ok = reset_peak_rss()
+
+    def report(self) -> dict:
+        return {
+            "rss_before_steps": self.before,
+            "peak_rss_steps": hwm_bytes() if self.reset_ok else None,
+            "peak_rss": peak_rss_bytes(),
+        }
+
+
 class StepTimer:
-    """Collects wall-clock step times; the first ``warmup`` are dropped."""
+    """Collects wall-clock step times (and this process's CPU seconds per step); the first ``warmup`` are dropped.
+
+    CPU seconds (all threads, user + system) barely move when other processes compete for the cores,
+    while wall time does; with 2 threads an unloaded step uses about 2x its wall time in CPU time.
+    """
 
     def __init__(self, warmup: int):
         self.warmup = warmup
         self.times: list[float] = []
-        self._t0 = 0.0
+        self.cpu_times: list[float] = []
+        self._t0 = self._c0 = 0.0
 
     def start(self) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def stop(self) -> None:
         self.times.append(time.perf_counter() - self._t0)
+        self.cpu_times.append(time.process_time() - self._c0)
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times[self.warmup:])
 
     @property
     def timed(self) -> list[float]:

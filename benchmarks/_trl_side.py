@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import tempfile
 
-from _common import MODEL, Settings, StepTimer, hwm_bytes, lora_config, peak_rss_bytes, reset_peak_rss, rss_now_bytes
+from _common import MODEL, PeakMemory, Settings, StepTimer, fixed_batch, lora_config
 
 
-def run_trl(settings: Settings) -> dict:
+def run_trl(settings: Settings, *, gradient_checkpointing: bool = True) -> dict:
+    """Time TRL's step; ``gradient_checkpointing=True`` is GRPOConfig's default."""
     import torch
     import trl
     from datasets import Dataset
@@ -27,7 +28,6 @@ def run_trl(settings: Settings) -> dict:
 
     tokenizer = load_tokenizer(MODEL)
     model = load_causal_lm(MODEL)  # float32 weights; bf16 comes from autocast (GRPOConfig.bf16)
-    from _common import fixed_batch
 
     prompt, completions, rewards = fixed_batch(settings, model.config.vocab_size)
     reward_of = {tuple(c.tolist()): float(r) for c, r in zip(completions, rewards, strict=True)}
@@ -66,6 +66,7 @@ def run_trl(settings: Settings) -> dict:
             learning_rate=settings.lr,
             max_steps=n_steps,
             bf16=True,
+            gradient_checkpointing=gradient_checkpointing,
             use_cpu=True,
             report_to="none",
             save_strategy="no",
@@ -85,19 +86,19 @@ def run_trl(settings: Settings) -> dict:
             callbacks=[TimeSteps()],
         )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        rss_before = rss_now_bytes()
-        hwm_ok = reset_peak_rss()
+        memory = PeakMemory()
+        memory.start()
         trainer.train()
     assert len(timer.times) == n_steps, timer.times
     return {
-        "side": "trl",
+        "side": "trl" if gradient_checkpointing else "trl-nogc",
+        "gradient_checkpointing": gradient_checkpointing,
         "version": f"trl {trl.__version__}",
         "step_s": timer.median,
         "step_times_s": timer.timed,
+        "step_cpu_s": timer.cpu_median,
         "warmup_s": timer.times[: settings.warmup],
         "trainable_params": trainable,
-        "rss_before_steps": rss_before,
-        "peak_rss_steps": hwm_bytes() if hwm_ok else None,
-        "peak_rss": peak_rss_bytes(),
+        **memory.report(),
         "torch_threads": torch.get_num_threads(),
     }
