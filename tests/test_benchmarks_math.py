@@ -165,8 +165,11 @@ def test_malformed_answers_score_zero_with_a_reason(output, reason):
     assert reason in result.reason
 
 
-def test_scoring_from_worker_threads_works_without_signal_timeouts():
+def test_scoring_from_worker_threads_works_and_is_time_guarded():
     rec = math_record("\\frac{1}{2}")
     with ThreadPoolExecutor(2) as pool:
         scores = list(pool.map(lambda o: score_output("math", rec, o), ["\\boxed{0.5}", "\\boxed{2}"] * 4))
+        # Unguarded, sympy would work on this tower for good, holding the GIL; guarded, it costs ~5 s.
+        tower = pool.submit(score_output_detailed, "math", math_record("5"), "\\boxed{10^{10^{10^{10}}}}").result(60)
     assert scores == [1.0, 0.0] * 4
+    assert tower.score == 0.0 and tower.reason

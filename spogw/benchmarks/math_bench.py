@@ -17,7 +17,9 @@ Extraction order (the first that finds something wins):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Mapping
@@ -32,6 +34,8 @@ MAX_ANSWER_CHARS = 1000
 """Longer extracted answers are not parsed: no MATH answer is that long, and sympy on a huge expression can hang."""
 TIMEOUT_S = 5
 """math-verify's own per-call time guard (``parsing_timeout`` / ``timeout_seconds``), main thread only."""
+HARD_TIMEOUT_S = 20.0
+"""Outside the main thread: when the forked check is killed (two parses and one verify, 5 s each, plus slack)."""
 
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(
@@ -92,9 +96,16 @@ def math_equal(gold: str, pred: str) -> tuple[bool, str]:
     """Whether two final answers are equivalent, by math-verify; ``(equal, reason when not)``.
 
     Both sides are wrapped in ``\\boxed{}`` and parsed with LaTeX and plain-expression extraction. math-verify's
-    time guard uses ``signal.alarm``, which only works in the main thread; elsewhere it runs unguarded (the
-    answer length cap above still bounds the work).
+    time guard uses ``signal.alarm``, which only works in the main thread. Elsewhere (a worker thread of the score
+    stage) the check runs in a forked child that is killed after :data:`HARD_TIMEOUT_S`: without a guard, an answer
+    like ``10^{10^{10^{10}}}`` keeps sympy busy for good, holding the GIL.
     """
+    if threading.current_thread() is threading.main_thread() or not hasattr(os, "fork"):
+        return _math_equal(gold, pred)
+    return _math_equal_forked(gold, pred)
+
+
+def _math_equal(gold: str, pred: str) -> tuple[bool, str]:
     try:
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     except ImportError as exc:  # pragma: no cover - math-verify is a dependency
@@ -113,6 +124,55 @@ def math_equal(gold: str, pred: str) -> tuple[bool, str]:
         return False, f"answer {pred!r} is not equivalent to gold {gold!r}"
     except Exception as exc:  # math-verify raises on timeouts and on sympy edge cases: a zero score, not a crash
         return False, f"math-verify failed: {type(exc).__name__}: {str(exc)[:200]}"
+
+
+_PARENT_WARM = False
+
+
+def _math_equal_forked(gold: str, pred: str) -> tuple[bool, str]:
+    """:func:`_math_equal` in a forked child (there the forking thread is the main thread, so math-verify's own
+    guard works too), killed if it outlives :data:`HARD_TIMEOUT_S`."""
+    import json
+    import select
+    import signal
+    import time
+
+    global _PARENT_WARM
+    if not _PARENT_WARM:  # parse once here, so every child starts with math-verify's parsers built
+        _math_equal("1", "1")
+        _PARENT_WARM = True
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: compute, report, leave without running any of the parent's cleanup
+        try:
+            os.close(read_fd)
+            os.write(write_fd, json.dumps(_math_equal(gold, pred)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + HARD_TIMEOUT_S
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([read_fd], [], [], left)
+            if not ready:
+                break
+            chunk = os.read(read_fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            chunks = []
+    finally:
+        os.close(read_fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    try:
+        equal, reason = json.loads(b"".join(chunks))
+    except ValueError:
+        return False, f"math-verify did not finish within {HARD_TIMEOUT_S:g} s"
+    return bool(equal), str(reason)
 
 
 class MATH(Benchmark):
