@@ -118,6 +118,24 @@ except Exception:
     assert result.usage.failed_calls == 1
 
 
+def test_a_runaway_loop_is_stopped_by_the_call_budget_even_if_it_swallows_the_error():
+    code = workflow("""
+n = 0
+while True:
+    try:
+        await self.custom(input=problem, instruction=f"Attempt {n}.")
+    except Exception:
+        n += 1
+        if n > 3:
+            return "gave up politely"
+    n += 1
+""")
+    with OpenAIStub(StubConfig(responder=RESPONDER)) as stub:
+        result = run(stub, code, max_calls=5)
+        assert stub.requests == 5
+    assert result.status == "error" and "budget of 5 executor calls" in result.reason
+
+
 def test_concurrent_operator_calls_inside_one_workflow_and_repeats_stay_distinct(tmp_path):
     code = workflow("""
 import asyncio

@@ -88,19 +88,37 @@ def sandbox_code_runner(pool=None, limits=None) -> CodeRunner:
     return run
 
 
+class BudgetExceeded(RuntimeError):
+    """A workflow asked for more executor calls or program runs than one run may make."""
+
+
 class CallContext:
-    """The parent's side of one workflow run: executor calls (with repeat counting) and program runs."""
+    """The parent's side of one workflow run: executor calls (with repeat counting) and program runs.
+
+    Budgets cap what one run may spend (a generated loop must not buy 10,000 API calls); exceeding
+    one fails that run as the workflow's own ``error``, even if it catches the exception.
+    """
 
     def __init__(self, executor: Executor, *, run_index: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
-                 code_runner: CodeRunner | None = None):
+                 code_runner: CodeRunner | None = None, max_calls: int = 64, max_code_runs: int = 32):
         self.executor, self.run_index = executor, run_index
         self.temperature, self.max_tokens = temperature, max_tokens
         self.code_runner = code_runner
+        self.max_calls, self.max_code_runs = max_calls, max_code_runs
         self.usage = Usage()
         self.code_runs = 0
+        self.over_budget: str | None = None
+        self._requested = 0
         self._repeats: Counter = Counter()
 
+    def _spend(self, what: str, used: int, budget: int) -> None:
+        if used > budget:
+            self.over_budget = f"workflow exceeded its budget of {budget} {what} per run"
+            raise BudgetExceeded(self.over_budget)
+
     async def chat(self, messages: list[dict]) -> ChatResult:
+        self._requested += 1
+        self._spend("executor calls", self._requested, self.max_calls)
         # The n-th identical request of this run is its own sample (and cache entry): an ensemble of three
         # identical prompts stays three calls at temperature > 0, and stays reproducible when cached.
         key = json.dumps(messages, sort_keys=True)
@@ -118,6 +136,7 @@ class CallContext:
         if self.code_runner is None:
             self.code_runner = sandbox_code_runner()
         self.code_runs += 1
+        self._spend("program runs", self.code_runs, self.max_code_runs)
         try:
             return await self.code_runner(code, timeout_s)
         except Exception as exc:
@@ -172,9 +191,11 @@ def problem_inputs(problem: dict, needs_entry_point: bool) -> tuple[str, str | N
 
 async def run_workflow(code: str, problem: dict, family: str, executor: Executor, *, limits=None,
                        run_index: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
-                       code_runner: CodeRunner | None = None, sandbox: bool = True) -> WorkflowResult:
+                       code_runner: CodeRunner | None = None, sandbox: bool = True, max_calls: int = 64,
+                       max_code_runs: int = 32) -> WorkflowResult:
     """Validate and run one generated workflow on one problem; every outcome is a :class:`WorkflowResult`.
 
+    ``max_calls`` / ``max_code_runs`` cap one run's executor calls and program runs (see :class:`CallContext`).
     ``sandbox=False`` runs the workflow class in this process (for trusted, hand-written workflows:
     templates and benchmarks); the programs its operators write still run in the sandbox.
     """
@@ -189,7 +210,7 @@ async def run_workflow(code: str, problem: dict, family: str, executor: Executor
     spec = load_family(family)
     question, entry_point, public_tests = problem_inputs(problem, spec.needs_entry_point)
     context = CallContext(executor, run_index=run_index, temperature=temperature, max_tokens=max_tokens,
-                          code_runner=code_runner)
+                          code_runner=code_runner, max_calls=max_calls, max_code_runs=max_code_runs)
     limits = limits or default_workflow_limits()
     if sandbox:
         outcome = await _run_sandboxed(parsed.code, spec, question, entry_point, public_tests, context, limits)
@@ -202,7 +223,9 @@ async def run_workflow(code: str, problem: dict, family: str, executor: Executor
             outcome = {"status": "timeout", "reason": f"workflow exceeded {limits.wall_s:g} s",
                        "warnings": llm.warnings}
     status, reason = outcome["status"], outcome.get("reason", "")
-    if context.usage.failed_calls and status != "executor_error":
+    if context.over_budget:
+        status, reason = "error", context.over_budget
+    elif context.usage.failed_calls and status != "executor_error":
         status, reason = "executor_error", f"{context.usage.errors[0]} (workflow outcome: {status} {reason})".strip()
     return WorkflowResult(outcome.get("output") if status == "ok" else None, status, reason, context.usage,
                           time.perf_counter() - start, list(outcome.get("warnings") or []), list(parsed.operators_used))
