@@ -90,6 +90,14 @@ def test_error_status_and_traceback(pool):
     assert "line 2, in f" in res.stderr and "_sandbox_child" not in res.stderr
 
 
+def test_program_cannot_pose_as_a_sandbox_failure(pool):
+    """The meta channel is writable by the program; only the set-up channel (closed before the program runs) can
+    say sandbox_error."""
+    forged = '{"exc": {"type": "SandboxSetupError", "msg": "not my fault"}}\\n'
+    res = pool.run(f"import os\nos.write(3, b'{forged}')\nos._exit(112)")
+    assert res.status in {"error", "exit"} and res.returncode == 112, (res.status, res.reason)
+
+
 def test_files_must_stay_inside_the_working_dir(pool):
     res = pool.run("print('never')", files={"../escape.txt": "x"})
     assert res.status == "sandbox_error" and "relative path" in res.reason

@@ -455,7 +455,7 @@ class Zygote:
             workdir = task["_workdir"] = tempfile.mkdtemp(prefix="spogw-sbx-")
             if self.is_root:
                 os.chown(workdir, self.uid, self.gid)
-        fds = {name: os.pipe() for name in ("stdin", "stdout", "stderr", "meta")}
+        fds = {name: os.pipe() for name in ("stdin", "stdout", "stderr", "meta", "setup")}
         sys.stdout.flush()
         sys.stderr.flush()
         if self.own_pid_fd is not None:
@@ -485,7 +485,7 @@ class Zygote:
         lim = task["limits"]
         deadline = t0 + float(lim["wall_s"])
         cap = int(lim["max_output_bytes"])
-        out = {"stdout": bytearray(), "stderr": bytearray(), "meta": bytearray()}
+        out = {"stdout": bytearray(), "stderr": bytearray(), "meta": bytearray(), "setup": bytearray()}
         readers = {fds[k][0]: k for k in out}
         stdin_w = fds["stdin"][1]
         stdin_data = (task.get("stdin") or "").encode()
@@ -625,9 +625,14 @@ _CRASH = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", sign
 def _classify(task: dict, st: int, killed_by: str | None, out: dict, duration: float, cpu: float, oom: bool) -> dict:
     """Turn a wait status plus what the child reported into (status, reason). See sandbox.STATUSES."""
     lim = task["limits"]
-    meta, events, value, has_value, exc, probe = _parse_meta(bytes(out["meta"]))
+    meta, events, value, has_value, exc, _ = _parse_meta(bytes(out["meta"]))
+    setup = _parse_setup(bytes(out["setup"]))
+    probe = setup.get("probe") or []
     rc = os.waitstatus_to_exitcode(st)
-    if killed_by == "timeout":
+    if not setup.get("ok"):
+        status = "sandbox_error"
+        reason = setup.get("msg") or f"sandbox set-up did not complete (wait status {st}, {killed_by or 'exited'})"
+    elif killed_by == "timeout":
         status, reason = "timeout", f"wall time {lim['wall_s']:g} s exceeded; process group killed"
     elif killed_by == "output":
         status, reason = "output", f"output exceeded {lim['max_output_bytes']} bytes; process group killed"
@@ -655,8 +660,6 @@ def _classify(task: dict, st: int, killed_by: str | None, out: dict, duration: f
                 "exit", f"sys.exit({exc.get('code')!r}) called")
         elif kind == "MemoryError":
             status, reason = "memory", f"{msg} (memory limit {lim['memory_mb']} MB)"
-        elif kind == "SandboxSetupError":
-            status, reason = "sandbox_error", msg
         else:
             status, reason = "error", msg
     elif rc == 0:
@@ -676,13 +679,21 @@ def _classify(task: dict, st: int, killed_by: str | None, out: dict, duration: f
         "value": value, "events": events,
     }
     if probe:
-        res["probe"] = probe
+        res["probe"] = [str(x) for x in probe]
     return res
+
+
+def _parse_setup(raw: bytes) -> dict:
+    try:
+        rec = json.loads(raw.split(b"\n", 1)[0])
+        return rec if isinstance(rec, dict) else {}
+    except ValueError:
+        return {}
 
 
 def _parse_meta(raw: bytes) -> tuple:
     """Parse the child's meta channel defensively: it is written by untrusted code too (garbage lines ignored)."""
-    events, value, has_value, exc, probe = [], None, False, None, []
+    events, value, has_value, exc = [], None, False, None
     for line in raw.split(b"\n"):
         if not line:
             continue
@@ -698,9 +709,7 @@ def _parse_meta(raw: bytes) -> tuple:
             value, has_value = rec["value"], True
         elif "exc" in rec and isinstance(rec["exc"], dict):
             exc = rec["exc"]
-        elif "probe" in rec and isinstance(rec["probe"], list):
-            probe = [str(x) for x in rec["probe"]]
-    return None, events, value, has_value, exc, probe
+    return None, events, value, has_value, exc, None
 
 
 # ------------------------------------------------------------------------------------------------------- the child G
@@ -716,16 +725,16 @@ def _child(z: Zygote, task: dict, fds: dict) -> None:
     try:
         _isolate(z, task, fds, probe)
     except BaseException as e:  # fail closed: never run untrusted code half-isolated
-        meta_fd = 3 if task.get("_stdio_moved") else fds["meta"][1]
         import traceback
 
         where = traceback.extract_tb(e.__traceback__)[-1]
         msg = f"sandbox setup: {e!r} in {where.name}() line {where.lineno}"
-        os.write(meta_fd, (json.dumps({"exc": {"type": "SandboxSetupError", "msg": msg}})
-                           + "\n").encode())
+        _meta(task.get("_setup_fd", fds["setup"][1]), {"ok": False, "msg": msg})
         os._exit(112)
-    if task.get("probe"):
-        os.write(3, (json.dumps({"probe": probe}) + "\n").encode())
+    # The set-up channel is closed before any untrusted code runs: what arrives on it is the sandbox's own word
+    # (the meta channel can be written by the program too, so a failure there can never pose as sandbox_error).
+    _meta(task["_setup_fd"], {"ok": True, "probe": probe})
+    os.close(task["_setup_fd"])
     _execute(task, 3)
 
 
@@ -751,11 +760,12 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
     # first copied above every target so that no dup2 clobbers a source still to be moved.
     rpc = task.get("rpc")
     sources = [fds["stdin"][0], fds["stdout"][1], fds["stderr"][1], fds["meta"][1]] + (list(rpc) if rpc else [])
+    sources.append(fds["setup"][1])
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 8) for fd in sources]  # free fds above every target
     for target, fd in enumerate(high):
         os.dup2(fd, target)
     os.closerange(len(high), 1 << 16)
-    task["_stdio_moved"] = True
+    task["_setup_fd"] = len(high) - 1
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if not private and "_workdir" not in task:
