@@ -366,11 +366,12 @@ class Zygote:
     def set_cgroup_limits(self, memory_mb: int, max_procs: int) -> None:
         if self._cg_limits == (memory_mb, max_procs):
             return
-        self._cg_limits = (memory_mb, max_procs)
+        self._cg_limits = None  # unknown until both writes went through
         if "memory" in self.cgroups:
             _write(os.path.join(self.cgroups["memory"], "memory.limit_in_bytes"), str(memory_mb << 20))
         if "pids" in self.cgroups:
             _write(os.path.join(self.cgroups["pids"], "pids.max"), str(max_procs))
+        self._cg_limits = (memory_mb, max_procs)
 
     def oom_kills(self) -> int:
         """Count of OOM kills in our memory cgroup (v1 oom_control 'oom_kill N'; failcnt as fallback)."""
