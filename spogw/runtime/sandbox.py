@@ -53,11 +53,11 @@ class SandboxLimits:
     wall_s: float = 10.0
     """Wall-clock seconds before the whole process tree is killed."""
     cpu_s: float = 10.0
-    """CPU seconds (RLIMIT_CPU) for the program's main process."""
+    """CPU seconds (RLIMIT_CPU, rounded up to whole seconds) per process; wall_s bounds the whole tree."""
     memory_mb: int = 1024
     """Address space per process (RLIMIT_AS) and memory of all its processes together (cgroup), in MiB."""
     max_procs: int = 32
-    """Processes the program may have at once (pids cgroup; RLIMIT_NPROC for its unique uid)."""
+    """Processes and threads the program may have at once (pids cgroup; RLIMIT_NPROC for its unique uid)."""
     file_size_mb: int = 16
     """Largest file it may write (RLIMIT_FSIZE); its private /tmp holds 4x this (at least 16 MiB)."""
     network: bool = False
