@@ -459,19 +459,25 @@ class Zygote:
         fds = {name: os.pipe() for name in ("stdin", "stdout", "stderr", "meta", "setup")}
         sys.stdout.flush()
         sys.stderr.flush()
-        if self.own_pid_fd is not None:
-            unshare(CLONE_NEWPID)
         try:
-            t0 = time.monotonic()
-            pid = os.fork()
-            if pid == 0:  # ---------------------------------------------------------------------- child G
-                try:
-                    _child(self, task, fds)
-                finally:
-                    os._exit(111)
-        finally:
-            if self.own_pid_fd is not None:  # (the child never gets here: it ends in os._exit)
-                setns(self.own_pid_fd, CLONE_NEWPID)  # so the next unshare(CLONE_NEWPID) is allowed
+            if self.own_pid_fd is not None:
+                unshare(CLONE_NEWPID)
+            try:
+                t0 = time.monotonic()
+                pid = os.fork()
+                if pid == 0:  # ------------------------------------------------------------------ child G
+                    try:
+                        _child(self, task, fds)
+                    finally:
+                        os._exit(111)
+            finally:
+                if self.own_pid_fd is not None:  # (the child never gets here: it ends in os._exit)
+                    setns(self.own_pid_fd, CLONE_NEWPID)  # so the next unshare(CLONE_NEWPID) is allowed
+        except BaseException:  # no child: the long-lived zygote must not leak the task's pipes
+            for r, w in fds.values():
+                os.close(r)
+                os.close(w)
+            raise
         for name, (r, w) in fds.items():
             os.close(w if name != "stdin" else r)
         try:
