@@ -397,6 +397,18 @@ def test_pool_map_keeps_order(pool):
     assert [r.stdout for r in pool.map(codes)] == [f"{i}\n" for i in range(12)]
 
 
+def test_attack_does_not_disturb_a_concurrent_sandbox(pool):
+    """A fork bomb holding its worker busy must not starve the other worker's programs of processes (each zygote
+    has its own uid, RLIMIT_NPROC count and pids cgroup)."""
+    bomb = pool.submit("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    time.sleep(0.3)
+    normal = [pool.submit("import os\nif os.fork() == 0:\n    os._exit(0)\nos.wait()\nprint('fine')")
+              for _ in range(20)]
+    results = [f.result() for f in normal]
+    assert all(r.ok and r.stdout == "fine\n" for r in results), {(r.status, r.reason) for r in results}
+    assert bomb.result().status == "timeout"
+
+
 def test_pool_throughput_sanity(pool):
     t0 = time.perf_counter()
     results = pool.map(["import math\nassert math.isqrt(49) == 7"] * 200)
