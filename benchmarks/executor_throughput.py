@@ -88,6 +88,7 @@ async def side_executor(base_url: str, c: int, n: int, tag: str, transport: str)
                                      for i in range(n)))
     elapsed = time.perf_counter() - start
     await ex.aclose()
+    _note_failures(tag, [r.error for r in results if not r.ok])
     return elapsed, n - len(results), sum(not r.ok for r in results)
 
 
@@ -105,7 +106,16 @@ async def side_workflow(base_url: str, c: int, n: int, tag: str, transport: str)
     await ex.aclose()
     lost = n - sum(r is not None for r in results)
     assert total.calls >= n - lost
+    _note_failures(tag, [r.reason for r in results if r is not None and r.status != "ok"])
     return elapsed, lost, sum(r.status != "ok" for r in results)
+
+
+FAILURES: dict[str, str] = {}
+
+
+def _note_failures(tag: str, reasons: list[str]) -> None:
+    if reasons:
+        FAILURES[tag] = f"{len(reasons)} failed, e.g. {reasons[0][:160]}"
 
 
 SIDES = {
@@ -145,6 +155,8 @@ def main() -> None:
             proc.kill()
             proc.wait()
     print("ratio = measured / bound; 'raw aiohttp' does not retry, so its failed count is the injected faults")
+    for tag, note in FAILURES.items():
+        print(f"  {tag}: {note}")
 
 
 if __name__ == "__main__":

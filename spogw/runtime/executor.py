@@ -361,6 +361,7 @@ class LocalExecutor:
 
             tokenizer = load_tokenizer(self.model_name)
             tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+            tokenizer.truncation_side = "left"  # an over-long prompt loses its oldest text, not the turn to answer
             model = load_causal_lm(self.model_name, dtype=self.dtype)
             model.eval()
             self._tokenizer, self._model = tokenizer, model

@@ -1,9 +1,9 @@
 """Executing a validated workflow: in the sandboxed child, or in-process for trusted workflows.
 
-This module is the child's entry point (``child_main``), so it imports only what the sandbox has
-preloaded (the standard library's core plus ``spogw.workflows.operators``): no ``dataclasses``, no
-YAML, no executor code. Prompts arrive in the payload, and every executor call or program run goes
-back to the parent through ``rpc`` (see ``spogw.runtime.runner``).
+This module is the child's entry point (``child_main``). It imports only the standard library and
+``spogw.workflows.operators``: the child starts fast and holds no executor, cache or API code. The
+prompts arrive in the payload, and every executor call or program run goes back to the parent
+through ``rpc`` (see ``spogw.runtime.runner``).
 """
 
 from __future__ import annotations
