@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -26,11 +27,17 @@ TRAINER_DEFAULTS = {
     "gradient_clip_val": 1.0,
 }
 
+# Stage subcommands other than `fit`: name -> ("module:function", one-line help). Each function is
+# also the stage's plain Python API; jsonargparse turns its typed signature and docstring into flags.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("spogw.cli:build", "build the group-wise dataset from scored samples"),
+}
+
 OVERVIEW = """usage: spogw <command> [options]
 
 commands:
   fit      train the generator's LoRA adapter with ioGRPO-mKL (LightningCLI: spogw fit --help)
-  build    build the group-wise dataset from scored samples (spogw build --help)
+{commands}
 
 typical use:
   spogw fit --config configs/quickstart.yaml
@@ -98,11 +105,11 @@ def build(
     top_n: int = 100,
     m: int | None = None,
     seed: int = 0,
-    mode: str = "screen_sharpen",
-    scope: str = "global",
+    mode: Literal["screen_sharpen", "screen", "random_filter", "random"] = "screen_sharpen",
+    scope: Literal["global", "per_query"] = "global",
     dedup: bool = True,
     failed_score: float | None = None,
-    on_bad_record: str = "error",
+    on_bad_record: Literal["error", "skip"] = "error",
 ) -> dict:
     """Build the group-wise dataset (Arrow + stats.json) from a scored-samples JSONL file.
 
@@ -122,9 +129,9 @@ def build(
     """
     from spogw.data import Curation, build_dataset
 
-    curation = Curation(n=n, t=t, top_n=top_n, m=m, seed=seed, mode=mode, scope=scope, dedup=dedup,  # type: ignore[arg-type]
+    curation = Curation(n=n, t=t, top_n=top_n, m=m, seed=seed, mode=mode, scope=scope, dedup=dedup,
                         failed_score=failed_score)
-    stats = build_dataset(scored_samples, out_dir, curation, on_bad_record=on_bad_record)  # type: ignore[arg-type]
+    stats = build_dataset(scored_samples, out_dir, curation, on_bad_record=on_bad_record)
     print(f"{stats['groups']} groups from {stats['records']} records of {stats['queries']} queries -> {out_dir}")
     return stats
 
@@ -133,15 +140,19 @@ def cli_main(args: list[str] | None = None) -> None:
     """Entry point of the `spogw` console script (returns nothing: its value would become the exit status)."""
     argv = list(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
-        print(OVERVIEW)
+        print(OVERVIEW.format(commands="\n".join(f"  {name:<8} {text}" for name, (_, text) in COMMANDS.items())))
         return
-    if argv[0] == "build":
+    if argv[0] in COMMANDS:
+        import importlib
+
         from jsonargparse import CLI
 
+        module, func = COMMANDS[argv[0]][0].split(":")
         try:
-            CLI(build, args=argv[1:], as_positional=False)
+            CLI(getattr(importlib.import_module(module), func), args=argv[1:], as_positional=False,
+                prog=f"spogw {argv[0]}")
         except (ValueError, FileNotFoundError) as e:  # includes DataError: bad options or data
-            print(f"spogw build: error: {e}", file=sys.stderr)
+            print(f"spogw {argv[0]}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
