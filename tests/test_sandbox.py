@@ -29,7 +29,9 @@ ROOT = os.geteuid() == 0
 @pytest.fixture(scope="module")
 def pool():
     with SandboxPool(workers=2, limits=TIGHT) as p:
+        uids = p.uids
         yield p
+        assert p.uids == uids, "a zygote of the pool died during the attacks and had to be replaced"
 
 
 def sandbox_uid_processes(pool: SandboxPool) -> list[int]:

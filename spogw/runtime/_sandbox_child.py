@@ -291,10 +291,7 @@ class Zygote:
             base = os.path.join(self.cgroup_root, ctl, "spogw-sandbox")
             try:
                 os.makedirs(base, exist_ok=True)
-                for name in os.listdir(base):  # sweep groups of dead zygotes (rmdir fails on non-empty groups)
-                    if name.startswith("z") and not os.path.exists(f"/proc/{name[1:]}"):
-                        with contextlib.suppress(OSError):
-                            os.rmdir(os.path.join(base, name))
+                _sweep_dead_groups(base)
                 path = os.path.join(base, f"z{os.getpid()}")
                 os.makedirs(path, exist_ok=True)
                 self.cgroups[ctl] = path
@@ -392,6 +389,8 @@ class Zygote:
         for path in self.cgroups.values():
             with contextlib.suppress(OSError):
                 os.rmdir(path)
+            with contextlib.suppress(OSError):
+                _sweep_dead_groups(os.path.dirname(path))
 
     def kill_leftovers(self) -> None:
         pids: set[int] = set()
@@ -580,6 +579,14 @@ class Zygote:
             os.close(fd)
         cpu = _child_cpu(rusage)
         return _classify(task, status_word, killed_by, out, duration, cpu, self.oom_kills() > oom_before)
+
+
+def _sweep_dead_groups(base: str) -> None:
+    """Remove the cgroups of zygotes that died without cleaning up (SIGKILL); rmdir refuses non-empty groups."""
+    for name in os.listdir(base):
+        if name.startswith("z") and name[1:].isdigit() and not os.path.exists(f"/proc/{name[1:]}"):
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(base, name))
 
 
 def _pidns_roundtrip() -> None:
