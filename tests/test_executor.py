@@ -74,8 +74,8 @@ def test_hard_failures_are_recorded_with_their_cause(transport):
         results = dict(zip(texts, asyncio.run(gather_chats(ex, texts)), strict=True))
     assert "HTTP 500" in results["x #fail:500*9"].error and "after 1 retries" in results["x #fail:500*9"].error
     assert "HTTP 429" in results["y #fail:429*9"].error
-    assert "Timeout" in results["z #hang*9"].error
-    assert results["w #malformed*1"].error  # a body that is not JSON is a failure with a cause, not a crash
+    assert "Timeout" in results["z #hang*9"].error and "after 1 retries" in results["z #hang*9"].error
+    assert "malformed reply body" in results["w #malformed*1"].error  # a failure with a cause, not a crash
     assert results["fine"].ok and results["fine"].text == "echo: fine"
     assert all(r.text == "" for t, r in results.items() if t != "fine")
     usage = Usage()

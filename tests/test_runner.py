@@ -155,24 +155,33 @@ return best["response"]
         assert stub.requests == 0 and again.output == result.output and again.usage.cached_calls == 4
 
 
+# kind -> (workflow, directive in the question, expected status, expected words in the reason)
+MIXED = {
+    "ok": ("template", "", "ok", ""),
+    "invalid": ("class Workflow:\n    pass\n", "", "invalid", "__call__"),
+    "error": ("raises", "", "error", "KeyError"),
+    "429 then ok": ("template", " #fail:429*1", "ok", ""),
+    "500 forever": ("template", " #fail:500*99", "executor_error", "HTTP 500"),
+    "hang": ("template", " #hang*99", "executor_error", "Timeout"),
+    "malformed": ("template", " #malformed*99", "executor_error", "malformed reply body"),
+}
+
+
 def mixed_jobs(n: int) -> tuple[list[WorkflowJob], list[str]]:
-    kinds = ["ok", "invalid", "error", "executor_error"]
-    codes = {
-        "ok": load_family("math").template,
-        "invalid": "class Workflow:\n    pass\n",
-        "error": workflow('return (await self.custom(input=problem, instruction="x"))["nope"]'),
-        "executor_error": workflow('return (await self.custom(input=problem, instruction="#fail:500*99"))'),
-    }
-    jobs, expected = [], []
+    codes = {"template": load_family("math").template,
+             "raises": workflow('return (await self.custom(input=problem, instruction="x"))["nope"]')}
+    jobs, kinds = [], []
     for i in range(n):
-        kind = kinds[i % len(kinds)]
-        jobs.append(WorkflowJob(codes[kind], {"id": str(i), "question": f"What is {i} + 1?"}, "math", run_index=i % 3))
-        expected.append(kind)
-    return jobs, expected
+        kind = list(MIXED)[i % len(MIXED)]
+        code, directive, _, _ = MIXED[kind]
+        jobs.append(WorkflowJob(codes.get(code, code), {"id": str(i), "question": f"What is {i} + 1?{directive}"},
+                                "math", run_index=i % 3))
+        kinds.append(kind)
+    return jobs, kinds
 
 
 def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_path):
-    jobs, expected = mixed_jobs(24)
+    jobs, kinds = mixed_jobs(21)
     progress: list[int] = []
     with OpenAIStub(StubConfig(responder=RESPONDER, latency=0.05)) as stub:
 
@@ -182,23 +191,28 @@ def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_p
             finally:
                 await ex.aclose()
 
-        cold, total = asyncio.run(stage(CachedExecutor(executor(stub, max_retries=0), tmp_path / "s.sqlite")))
-        assert [r.status for r in cold] == expected
-        assert progress == list(range(1, 25))
-        ok = [r for r in cold if r.ok]
-        assert all(r.output.startswith("Step by step") for r in ok)
-        assert all(r.reason for r in cold if not r.ok)
-        assert all("HTTP 500" in r.reason for r, k in zip(cold, expected, strict=True) if k == "executor_error")
-        assert total.calls == sum(r.usage.calls for r in cold) == stub.requests
+        def cached():
+            return CachedExecutor(executor(stub, max_retries=1, timeout_s=0.5), tmp_path / "s.sqlite")
+
+        cold, total = asyncio.run(stage(cached()))
+        assert [r.status for r in cold] == [MIXED[k][2] for k in kinds]
+        assert progress == list(range(1, 22))
+        for r, k in zip(cold, kinds, strict=True):
+            assert MIXED[k][3] in r.reason, (k, r.reason)
+            assert (r.output or "").startswith("Step by step") == (r.status == "ok")
+        assert total.calls == sum(r.usage.calls for r in cold)
         assert total.cost_usd == pytest.approx(sum(r.usage.cost_usd for r in cold)) and total.cost_usd > 0
+        assert total.failed_calls == 9
 
         stub.reset_counts()
-        warm_ex = CachedExecutor(executor(stub, max_retries=0), tmp_path / "s.sqlite")
+        warm_ex = cached()
         warm, _ = asyncio.run(stage(warm_ex))
-        # only the executor failures are asked again (failures are never cached); every success is free
-        assert stub.requests == expected.count("executor_error")
-        assert [r.output for r in warm if r.ok] == [r.output for r in ok]
-        assert warm_ex.hits == sum(1 for k in expected if k in ("ok", "error"))
+        # successes are free; only the permanent executor failures are asked again (failures are never cached):
+        # 500 and hang with one retry each (2 attempts), malformed once (not retried)
+        assert stub.requests == 3 * (2 + 2 + 1)
+        assert [r.status for r in warm] == [r.status for r in cold]
+        assert [r.output for r in warm] == [r.output for r in cold]
+        assert warm_ex.misses == 9 and warm_ex.hits == 9  # ok, error and 429-then-ok jobs: one call each
 
 
 @pytest.fixture(scope="module")

@@ -210,6 +210,8 @@ class OpenAIExecutor:
                 text, pin, pout = _read_completion(data)
             except Exception as exc:  # every remote fault becomes a recorded failure, never an escape
                 cause = describe_error(exc)
+                if isinstance(exc, ValueError) and not isinstance(exc, MalformedReply):  # JSONDecodeError & co
+                    cause = f"malformed reply body: {cause}"
                 if self.max_retries and _retryable(exc):
                     cause += f" (after {self.max_retries} retries)"
                 return ChatResult("", latency_s=time.perf_counter() - start, error=cause)
@@ -217,9 +219,12 @@ class OpenAIExecutor:
             return ChatResult(text, pin, pout, cost, time.perf_counter() - start)
 
     async def aclose(self) -> None:
-        for client, *_ in self._per_loop.values():
-            await client.close()
-        self._per_loop.clear()
+        """Close this event loop's client (clients of loops already gone are dropped)."""
+        loop = asyncio.get_running_loop()
+        for key, (client, _, owner) in list(self._per_loop.items()):
+            if owner is loop:
+                await client.close()
+            del self._per_loop[key]
 
 
 class MalformedReply(ValueError):
@@ -257,6 +262,10 @@ def _retryable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - both come with the runtime extra
         return False
     return isinstance(exc, openai.APIConnectionError | aiohttp.ClientConnectionError)
+
+
+class RequestTimeout(TimeoutError):
+    """The per-call timeout fired (lean transport)."""
 
 
 class HTTPStatusError(RuntimeError):
@@ -298,7 +307,9 @@ class _LeanClient:
                     if not _retryable_status(resp.status):
                         raise error
                     wait = _retry_after(resp.headers)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except asyncio.TimeoutError:
+                error = RequestTimeout(f"no complete reply within {self.timeout.total:g} s")
+            except aiohttp.ClientConnectionError as exc:
                 error = exc
             if attempt == self.max_retries:
                 raise error
