@@ -32,7 +32,8 @@ def write_scored(path: Path, *, queries: int = 6, m: int = 8, seed: int = 0, lev
         for q in range(queries):
             for i in range(m):
                 score = None if rng.random() < fail_rate else rng.choice(levels)
-                completion = "class Workflow:\n    async def __call__(self, problem):\n" + "        pass\n" * rng.randint(1, 6)
+                body = "        pass\n" * rng.randint(1, 6)
+                completion = "class Workflow:\n    async def __call__(self, problem):\n" + body
                 f.write(json.dumps({"query_id": f"q{q}", "sample": i,
                                     "prompt": [{"role": "user", "content": f"Write a workflow for task {q}."}],
                                     "completion": completion, "score": score}) + "\n")
