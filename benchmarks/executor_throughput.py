@@ -11,7 +11,9 @@ on the same server, so CPU noise from neighbours hits them alike:
 * ``workflow/T``  — what the score stage does: ``run_many`` over the math-family template workflow
   (one ``Custom`` operator call: prompt from data, executor call, reply parsing, usage per workflow
   and per stage), run in-process (``sandbox=False``; the sandbox's own cost is measured by
-  ``benchmarks/sandbox_throughput.py``). A "workflow" here is exactly that one-call template.
+  ``benchmarks/sandbox_throughput.py``; one extra row, ``sandboxed/lean``, runs each workflow in its
+  own sandbox as the score stage does, to show that cost). A "workflow" here is exactly that one-call
+  template.
 
 Each side runs once without faults and once with ``--fail-rate`` of attempts failing (429 or 500,
 which the client retries; pass ``--fail-kinds 429,500,hang,malformed`` to add hangs and bodies that
@@ -92,7 +94,8 @@ async def side_executor(base_url: str, c: int, n: int, tag: str, transport: str)
     return elapsed, n - len(results), sum(not r.ok for r in results)
 
 
-async def side_workflow(base_url: str, c: int, n: int, tag: str, transport: str) -> tuple[float, int, int]:
+async def side_workflow(base_url: str, c: int, n: int, tag: str, transport: str,
+                        sandbox: bool = False) -> tuple[float, int, int]:
     from spogw.runtime.runner import WorkflowJob, run_many
     from spogw.workflows.families import load_family
 
@@ -101,7 +104,7 @@ async def side_workflow(base_url: str, c: int, n: int, tag: str, transport: str)
     template = load_family("math").template
     jobs = [WorkflowJob(template, {"id": str(i), "question": f"{tag} problem {i}"}, "math") for i in range(n)]
     start = time.perf_counter()
-    results, total = await run_many(jobs, ex, concurrency=c, sandbox=False, max_tokens=64)
+    results, total = await run_many(jobs, ex, concurrency=c, sandbox=sandbox, max_tokens=64)
     elapsed = time.perf_counter() - start
     await ex.aclose()
     lost = n - sum(r is not None for r in results)
@@ -135,6 +138,8 @@ def main() -> None:
     parser.add_argument("--fail-rate", type=float, default=0.1)
     parser.add_argument("--fail-kinds", default="429,500")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-sandboxed", type=int, default=128,
+                        help="workflows for the extra row that runs each workflow in its own sandbox (0: skip)")
     args = parser.parse_args()
     c, lat, n = args.concurrency, args.latency, args.n
     bound = c / lat
@@ -151,6 +156,17 @@ def main() -> None:
                 rate = n / elapsed
                 print(f"{label:<22} {name:<16} {elapsed:8.2f} {rate:8.1f} {rate / bound:6.2f} {lost:5d} {failed:7d}",
                       flush=True)
+        finally:
+            proc.kill()
+            proc.wait()
+    if args.n_sandboxed:
+        proc, url = start_stub(lat, 0.0, args.fail_kinds, args.seed)
+        try:
+            m = args.n_sandboxed
+            elapsed, lost, failed = asyncio.run(side_workflow(url, c, m, "sandboxed", "lean", sandbox=True))
+            rate = m / elapsed
+            print(f"{'none':<22} {'sandboxed/lean':<16} {elapsed:8.2f} {rate:8.1f} {rate / bound:6.2f} {lost:5d} "
+                  f"{failed:7d}   ({m} workflows, each in a fresh sandbox: set-up cost, not the executor)")
         finally:
             proc.kill()
             proc.wait()
