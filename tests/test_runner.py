@@ -4,6 +4,7 @@ loopback OpenAI-compatible stub, failures recorded with their cause, nothing los
 from __future__ import annotations
 
 import asyncio
+import json
 from functools import partial
 
 import pytest
@@ -11,7 +12,7 @@ from openai_stub import OpenAIStub, StubConfig, operator_responder
 
 from spogw.runtime.cache import CachedExecutor
 from spogw.runtime.executor import OpenAIExecutor
-from spogw.runtime.runner import WorkflowJob, run_many, run_workflow
+from spogw.runtime.runner import WorkflowJob, WorkflowResult, run_many, run_workflow
 from spogw.runtime.sandbox import SandboxLimits
 from spogw.workflows.families import FAMILIES, load_family
 
@@ -62,6 +63,7 @@ def test_each_family_template_runs_in_the_sandbox(family):
         assert result.usage.calls == stub.requests > 0
         assert result.usage.prompt_tokens > 0 and result.usage.cost_usd > 0
         assert result.operators_used == sorted(result.operators_used) and result.duration_s > 0
+        assert WorkflowResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
 
 
 def test_the_child_has_no_network_but_its_executor_calls_get_through():

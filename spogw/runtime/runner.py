@@ -62,6 +62,11 @@ class WorkflowResult:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorkflowResult:
+        """Inverse of :meth:`to_dict` (a resumed score stage reads its artifact back)."""
+        return cls(**{**d, "usage": Usage(**d.get("usage", {}))})
+
 
 def default_workflow_limits():
     """Workflows wait on many executor calls: wall time is generous, CPU time is not."""
