@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from functools import partial
+from pathlib import Path
 
 import pytest
 from openai_stub import OpenAIStub, StubConfig, operator_responder
@@ -244,3 +245,35 @@ def test_embedded_local_executor_batches_calls_from_concurrent_sandboxed_workflo
     # twelve calls from six separate sandboxed children, answered by far fewer batched generate calls
     assert local.generate_calls < 12 and max(local.batch_sizes) > 1
     assert sum(local.batch_sizes) == 12
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "aflow").is_dir(),
+                    reason="needs ../shared/data beside the checkout")
+def test_embedded_smollm2_executor_runs_each_family_template_on_real_problems(tmp_path):
+    """The CPU/CI default end to end: real SmolLM2-135M-Instruct, real benchmark rows, sandboxed templates."""
+    from spogw.runtime.executor import LocalExecutor
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "aflow"
+    math_row = json.loads((data / "math_validate.jsonl").read_text().splitlines()[0])
+    qa_row = json.loads((data / "hotpotqa_validate.jsonl").read_text().splitlines()[0])
+    code_row = json.loads((data / "humaneval_validate.jsonl").read_text().splitlines()[0])
+    problems = {
+        "math": {"id": "math/0", "question": math_row["problem"]},
+        "qa": {"id": "hotpotqa/0", "question": qa_row["question"]},
+        "code": {"id": code_row["task_id"], "question": code_row["prompt"], "entry_point": code_row["entry_point"],
+                 "public_tests": []},
+    }
+    local = LocalExecutor("embedded", max_batch=8)
+    jobs = [WorkflowJob(load_family(f).template, problems[f], f) for f in FAMILIES]
+
+    async def stage():
+        try:
+            return await run_many(jobs, CachedExecutor(local, tmp_path / "c.sqlite"), concurrency=3, max_tokens=48)
+        finally:
+            await local.aclose()
+
+    results, total = asyncio.run(stage())
+    assert [r.status for r in results] == ["ok"] * 3, [r.reason for r in results]
+    assert all(r.output for r in results) and total.completion_tokens > 0
+    assert local.generate_calls < total.calls  # the three families' first calls shared a batch
