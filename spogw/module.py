@@ -264,9 +264,11 @@ class SPOGWModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        # Before clipping: the norm the optimizer would have seen without --trainer.gradient_clip_val.
         grads = [p.grad.detach().float().norm() for p in self.trainable_parameters() if p.grad is not None]
         if grads:
             self.log("train/grad_norm", torch.stack(grads).norm())
+        self.log("train/lr", float(optimizer.param_groups[0]["lr"]))
 
     def configure_optimizers(self):
         params = self.trainable_parameters()
