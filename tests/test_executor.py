@@ -162,6 +162,18 @@ def test_warm_cache_rerun_makes_zero_requests_and_failures_are_retried(tmp_path)
         assert stub.requests == 1
 
 
+def test_identical_requests_in_flight_are_sent_once(tmp_path):
+    with OpenAIStub(StubConfig(latency=0.2)) as stub:
+        cached = CachedExecutor(make(stub), tmp_path / "c.sqlite")
+        results = asyncio.run(gather_chats(cached, ["same"] * 5 + ["other"]))
+        assert stub.requests == 2 and cached.misses == 2 and cached.hits == 4
+    assert len({r.text for r in results[:5]}) == 1 and sum(r.cached for r in results[:5]) == 4
+    usage = Usage()
+    for r in results:
+        usage.add(r)
+    assert usage.calls == 6 and usage.cached_calls == 4
+
+
 def test_cached_usage_is_counted_apart():
     usage = Usage()
     usage.add(ChatResult("a", 10, 5, 0.5))

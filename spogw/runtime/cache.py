@@ -13,6 +13,8 @@ stored, so a rerun retries exactly the calls that failed.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
 import json
 import sqlite3
@@ -93,7 +95,10 @@ class ResponseCache:
 class CachedExecutor:
     """Any :class:`Executor` with the persistent cache in front of it.
 
-    ``hits`` and ``misses`` count lookups in this process (a warm rerun shows ``misses == 0``).
+    Identical requests already in flight are joined rather than sent again: a generator often writes
+    the same workflow twice for one query, and both copies would otherwise pay for every call on a cold
+    cache. A joined reply is marked ``cached`` (it was paid once). ``hits`` counts replies from disk or
+    joined, ``misses`` calls sent to the backend (a warm rerun shows ``misses == 0``).
     """
 
     def __init__(self, executor: Executor, path: str | Path):
@@ -101,6 +106,7 @@ class CachedExecutor:
         self.identity = executor.identity
         self.cache = ResponseCache(path)
         self.hits = self.misses = 0
+        self._inflight: dict[tuple[int, str], asyncio.Future] = {}
 
     async def chat(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int = 1024,
                    run_index: int = 0, repeat: int = 0) -> ChatResult:
@@ -110,10 +116,25 @@ class CachedExecutor:
         if hit is not None:
             self.hits += 1
             return hit
+        slot = (id(asyncio.get_running_loop()), key)
+        pending = self._inflight.get(slot)
+        if pending is not None:
+            self.hits += 1
+            return dataclasses.replace(await asyncio.shield(pending), cached=True, latency_s=0.0)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[slot] = future
         self.misses += 1
-        result = await self.executor.chat(messages, temperature=temperature, max_tokens=max_tokens,
-                                          run_index=run_index, repeat=repeat)
-        self.cache.put(key, self.identity, result)
+        try:
+            result = await self.executor.chat(messages, temperature=temperature, max_tokens=max_tokens,
+                                              run_index=run_index, repeat=repeat)
+        except BaseException as exc:  # the backend raised (it should not); joiners get a recorded failure
+            future.set_result(ChatResult("", error=f"{type(exc).__name__}: {exc}"))
+            raise
+        else:
+            self.cache.put(key, self.identity, result)
+            future.set_result(result)
+        finally:
+            del self._inflight[slot]
         return result
 
     def __getattr__(self, name: str):  # backend extras (generate_calls, aclose) stay reachable

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -288,7 +289,10 @@ async def run_many(jobs: Sequence[WorkflowJob], executor: Executor, *, concurren
         results[i] = result
         done += 1
         if on_progress is not None:
-            on_progress(done, len(jobs), result)
+            try:
+                on_progress(done, len(jobs), result)
+            except Exception:  # a broken progress bar must not lose results
+                logging.getLogger(__name__).exception("on_progress callback failed")
 
     await asyncio.gather(*(one(i, job) for i, job in enumerate(jobs)))
     total = Usage()

@@ -106,9 +106,14 @@ def operator_list(spec: FamilySpec) -> str:
     return "\n".join(lines)
 
 
+@functools.cache
+def _generator_template() -> str:
+    return _read_yaml(HERE / "prompts" / "generator.yaml")["prompt"]
+
+
 def generator_prompt(family: str, question: str) -> str:
     """The prompt that asks the generator for a workflow for ``question`` (ScoreFlow-style, query-specific)."""
     spec = load_family(family)
-    template = _read_yaml(HERE / "prompts" / "generator.yaml")["prompt"]
+    template = _generator_template()
     return template.format(template=spec.template.rstrip(), operators=operator_list(spec),
                            call_signature=spec.call_signature, question=question)
