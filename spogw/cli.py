@@ -31,6 +31,8 @@ TRAINER_DEFAULTS = {
 # also the stage's plain Python API; jsonargparse turns its typed signature and docstring into flags.
 COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("spogw.cli:build", "build the group-wise dataset from scored samples"),
+    "iterate": ("spogw.loop:iterate", "run K ioGRPO iterations: sample -> score -> build -> fit, then evaluate"),
+    "evaluate": ("spogw.evaluate:evaluate", "solve rates of the generator and the static baselines (Table 1)"),
 }
 
 OVERVIEW = """usage: spogw <command> [options]
@@ -80,7 +82,7 @@ class SPOGWCLI(LightningCLI):
             self.parser.error(str(e))
 
 
-def run_fit(args: list[str] | None = None) -> SPOGWCLI:
+def run_fit(args: list[str] | None = None, run: bool = True) -> SPOGWCLI:
     """Run ``spogw fit`` (or another LightningCLI subcommand) and return the CLI object (for tests, notebooks)."""
     from jsonargparse import set_parsing_settings
 
@@ -94,6 +96,7 @@ def run_fit(args: list[str] | None = None) -> SPOGWCLI:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         args=args,
+        run=run,
     )
 
 

@@ -1,0 +1,165 @@
+"""Generator backends: the LLM that writes workflows, behind one small interface.
+
+``Generator.generate(prompts, n=..., temperature=..., top_p=..., max_new_tokens=..., seed=...)`` takes
+chat conversations and returns ``n`` completions per conversation. The sample stage draws m = 16 per
+training query from it; the evaluate stage draws one per test query. Backends:
+
+* :class:`TransformersGenerator` — the embedded default: a transformers causal LM (base model plus an
+  optional peft LoRA adapter, merged for speed), left-padded batched ``generate`` over the chat
+  template, on CPU or GPU.
+* vLLM (for GPU boxes) is left to the sample stage's issue; it implements the same method.
+
+Seeding: every batch reseeds torch with ``seed`` and the batch's position, so a call with the same
+prompts, ``n``, batch size and seed returns the same texts. A sampled text depends on its batch mates
+(the batch shares one random stream); greedy decoding (``temperature=0``) does not.
+
+The prompt that asks for a workflow is data (``spogw/workflows/prompts/generator.yaml`` around the
+family's operators and template); :func:`generator_messages` wraps it as a chat conversation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What the sample and evaluate stages need from a generator backend."""
+
+    identity: str
+    """Names the model and adapter (recorded next to every generated workflow)."""
+
+    def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int = 512, seed: int = 0) -> list[list[str]]:
+        """``n`` completions for each chat conversation in ``prompts``, in order."""
+        ...
+
+
+def generator_messages(family: str, question: str) -> list[dict]:
+    """The chat conversation that asks the generator for a workflow for ``question`` (a ``family`` problem)."""
+    from spogw.workflows.families import generator_prompt
+
+    return [{"role": "user", "content": generator_prompt(family, question)}]
+
+
+@dataclass
+class GenerationStats:
+    """What the last calls cost: prompt and generated tokens, seconds, batches."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    batches: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    if n < 1:
+        raise ValueError(f"`n` must be >= 1, got {n}")
+    if temperature < 0:
+        raise ValueError(f"`temperature` must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+
+
+class TransformersGenerator:
+    """A transformers causal LM, optionally with a peft LoRA adapter, generating in left-padded batches.
+
+    ``model`` is anything :func:`spogw.models.resolve_model` accepts (``embedded``, a directory, a hub id);
+    ``adapter`` a directory written by ``save_pretrained`` of a peft model (``<run_dir>/adapter``). The
+    adapter is merged into the weights after loading: generation then costs what the base model costs.
+    Prompts longer than ``max_prompt_tokens`` lose their beginning (the question and the request to
+    answer sit at the end). The model loads on first use.
+    """
+
+    def __init__(self, model: str = "embedded", adapter: str | None = None, *, dtype: str | None = "float32",
+                 batch_size: int = 8, max_prompt_tokens: int = 4096, device: str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+        self.model_name, self.adapter, self.dtype = model, adapter, dtype
+        self.batch_size, self.max_prompt_tokens, self.device = batch_size, max_prompt_tokens, device
+        self.identity = f"transformers:{model}" + (f"+{adapter}" if adapter else "")
+        self.stats = GenerationStats()
+        self._model = self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from pathlib import Path
+
+        from spogw.models import load_causal_lm, load_tokenizer
+
+        tokenizer = load_tokenizer(self.model_name)
+        tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+        tokenizer.truncation_side = "left"
+        model = load_causal_lm(self.model_name, dtype=self.dtype)
+        if self.adapter:
+            if not (Path(self.adapter) / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"`--adapter {self.adapter}`: no adapter_config.json there (expected the "
+                                        "directory a peft model's save_pretrained writes, e.g. <run_dir>/adapter)")
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.adapter).merge_and_unload()
+        if self.device:
+            model.to(self.device)
+        model.eval()
+        self._tokenizer, self._model = tokenizer, model
+
+    def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+                 max_new_tokens: int = 512, seed: int = 0, on_batch=None) -> list[list[str]]:
+        """``n`` completions per conversation; ``on_batch(done_rows, total_rows)`` reports progress."""
+        _check_sampling(n, temperature, top_p, max_new_tokens)
+        rows = [conv for conv in prompts for _ in range(n)]
+        texts: list[str] = []
+        with self._lock:
+            self._load()
+            for start in range(0, len(rows), self.batch_size):
+                texts += self._generate_batch(rows[start:start + self.batch_size], temperature, top_p,
+                                              max_new_tokens, seed * 1_000_003 + start)
+                if on_batch is not None:
+                    on_batch(len(texts), len(rows))
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_batch(self, conversations: list[list[dict]], temperature: float, top_p: float,
+                        max_new_tokens: int, seed: int) -> list[str]:
+        import torch
+
+        tok, model = self._tokenizer, self._model
+        start = time.perf_counter()
+        text = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        enc = tok(text, return_tensors="pt", padding=True, truncation=True, max_length=self.max_prompt_tokens,
+                  add_special_tokens=False).to(model.device)
+        if temperature > 0:
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+        else:
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
+        width = enc["input_ids"].shape[1]
+        results = []
+        for row in out:
+            new = row[width:]
+            stop = (new == tok.eos_token_id).nonzero()
+            new = new[: int(stop[0]) if len(stop) else len(new)]
+            self.stats.generated_tokens += len(new)
+            results.append(tok.decode(new, skip_special_tokens=True))
+        self.stats.prompt_tokens += int(enc["attention_mask"].sum())
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(conversations))
+        return results
+
+
+def make_generator(model: str = "embedded", adapter: str | None = None, *, backend: str = "transformers",
+                   **options) -> Generator:
+    """The generator backend by name (``transformers``; ``vllm`` once the sample stage adds it)."""
+    if backend == "transformers":
+        return TransformersGenerator(model, adapter, **options)
+    raise ValueError(f"`--generation.backend` must be transformers (vllm is not implemented yet), got {backend!r}")
