@@ -244,7 +244,7 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
     if todo:
         gen = make_generator(generator, adapter, backend=options.backend, batch_size=options.batch_size,
                              dtype=options.dtype)
-        with _progress(len(todo), "generating workflows") as bar, path.open("a") as f:
+        with _progress(len(todo), "generating workflows") as bar, _append(path) as f:
             # in batches of the generator's size, so that an interrupted run keeps what it generated
             for start in range(0, len(todo), options.batch_size):
                 chunk = todo[start:start + options.batch_size]
@@ -321,7 +321,7 @@ async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOption
     chunk_size = max(4 * options.concurrency, 32)
     code_checks = asyncio.Semaphore(2)  # code checks are CPU-bound sandboxed programs
     try:
-        with _progress(len(jobs), "running workflows") as bar, (out / "records.jsonl").open("a") as f:
+        with _progress(len(jobs), "running workflows") as bar, _append(out / "records.jsonl") as f:
             for sandbox in (False, True):
                 group = [j for j in jobs if j.sandbox == sandbox]
                 for start in range(0, len(group), chunk_size):
@@ -336,7 +336,7 @@ async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOption
                         for j, res in zip(chunk, results, strict=True)))
                     for line in lines:
                         line["fingerprint"] = fingerprints[line["method"]]
-                        f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                        f.write(json.dumps(line) + "\n")  # ASCII escapes: an output with lone surrogates still writes
                     f.flush()
     finally:
         aclose = getattr(executor, "aclose", None)
@@ -353,7 +353,7 @@ async def _score(job: _Job, record, result, executor, judge: bool, code_checks: 
     line: dict[str, Any] = {
         "method": job.method, "benchmark": job.benchmark, "id": job.record_id, "run": job.run,
         "status": result.status, "reason": result.reason, "score": 0.0, "score_reason": "",
-        "output": None if result.output is None else _safe_text(result.output)[:MAX_STORED_OUTPUT],
+        "output": None if result.output is None else result.output[:MAX_STORED_OUTPUT],
         "output_chars": None if result.output is None else len(result.output),
         "usage": {"calls": usage.calls, "cached_calls": usage.cached_calls, "failed_calls": usage.failed_calls,
                   "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
@@ -383,11 +383,6 @@ class _nullcontext:
         return False
 
 
-def _safe_text(text: str) -> str:
-    """Output that cannot be written as UTF-8 (lone surrogates) is stored with replacement characters."""
-    return text.encode("utf-8", "replace").decode("utf-8")
-
-
 # -- reading, summarising, writing ------------------------------------------------------------------
 
 
@@ -407,6 +402,17 @@ def _read_jsonl(path: Path) -> list[dict]:
                 continue
             raise ValueError(f"{path}:{i}: not JSON ({exc.msg}); delete the line or the file to redo it") from None
     return out
+
+
+def _append(path: Path):
+    """Open a JSONL artifact for appending, first cutting off a torn last line left by an interrupted write
+    (appending after it would glue the next record onto the fragment)."""
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            data = f.read()
+            if not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    return path.open("a", encoding="utf-8")
 
 
 def read_records(path: Path, fingerprints: dict[str, str], *, finished_only: bool = True) -> dict[tuple, dict]:
