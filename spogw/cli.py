@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from spogw.data import GroupDataModule
 from spogw.module import SPOGWModule
+from spogw.tracking import Tracking, resolve_trainer_config
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs/default",
@@ -33,7 +35,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("spogw.cli:build", "build the group-wise dataset from scored samples"),
     "iterate": ("spogw.loop:iterate", "run K ioGRPO iterations: sample -> score -> build -> fit, then evaluate"),
     "evaluate": ("spogw.evaluate:evaluate", "solve rates of the generator and the static baselines (Table 1)"),
+    "sweep": ("spogw.sweep:sweep", "run a W&B sweep YAML's grid locally, one `spogw fit` per point (resumable)"),
+    "report": ("spogw.report:report", "figures (paper Figs. 2-3) and a summary table of a run or sweep directory"),
 }
+# Commands whose first argument may be given without its flag.
+POSITIONAL = {"sweep": "--sweep_file", "report": "--run_dir"}
 
 OVERVIEW = """usage: spogw <command> [options]
 
@@ -66,6 +72,11 @@ class SPOGWCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_lightning_class_args(Tracking, "tracking")  # dataset stats, tables, artifacts (W&B)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+        # No --trainer.logger: a CSV copy in the run dir + W&B; a run dir per `wandb agent` run (spogw.tracking).
+        return super()._instantiate_trainer(resolve_trainer_config(config), callbacks)
 
     def before_fit(self) -> None:
         # Build the dataset in the launching process, before DDP starts its other ranks: bad data
@@ -151,6 +162,8 @@ def cli_main(args: list[str] | None = None) -> None:
         from jsonargparse import CLI
 
         module, func = COMMANDS[argv[0]][0].split(":")
+        if argv[0] in POSITIONAL and len(argv) > 1 and not argv[1].startswith("-"):
+            argv.insert(1, POSITIONAL[argv[0]])  # `spogw report runs/x` = `spogw report --run_dir runs/x`
         try:
             CLI(getattr(importlib.import_module(module), func), args=argv[1:], as_positional=False,
                 prog=f"spogw {argv[0]}")
