@@ -268,6 +268,7 @@ def _run_point(rec: dict, argv: list[str], out: Path, sweep_name: str, i: int, t
     print(f"[{i + 1}/{total}] {rec['name']}: running -> {run_dir}", flush=True)
     env = {**os.environ, "WANDB_RUN_GROUP": sweep_name, "WANDB_JOB_TYPE": "sweep"}
     env.pop("WANDB_SWEEP_ID", None)  # not a `wandb agent` run: the run dir is the one given here
+    env.pop("WANDB_SERVICE", None)  # each point starts its own W&B service, never this process's
     start = time.monotonic()
     with (run_dir / "fit.log").open("w") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -432,11 +432,15 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
             elif kind == 4:  # last
                 yield buf + data
 
-    def value(item) -> Any:
-        return json.loads(item.value_json)
-
-    def key(item) -> str:
-        return item.key or "/".join(item.nested_key)
+    def items(updates) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for item in updates:  # nested keys (a table's or an image's fields) become nested dicts
+            parts = [item.key] if item.key else list(item.nested_key)
+            node = d
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = json.loads(item.value_json)
+        return d
 
     out: dict[str, Any] = {"history": [], "summary": {}, "config": {}, "artifacts": []}
     for data in chunks():
@@ -444,11 +448,11 @@ def read_offline_run(path: str | os.PathLike) -> dict[str, Any]:
         record.ParseFromString(data)
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            out["history"].append({key(i): value(i) for i in record.history.item})
+            out["history"].append(items(record.history.item))
         elif kind == "summary":
-            out["summary"].update({key(i): value(i) for i in record.summary.update})
+            out["summary"].update(items(record.summary.update))
         elif kind == "config":
-            out["config"].update({key(i): value(i) for i in record.config.update})
+            out["config"].update(items(record.config.update))
         elif kind == "artifact":
             out["artifacts"].append((record.artifact.name, record.artifact.type))
     return out
