@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -31,8 +30,11 @@ class Settings:
     beta: float = 0.1
     lr: float = 1e-5
     threads: int = 2
-    steps: int = 3  # timed steps (the median is reported)
+    steps: int = 3  # timed steps per side (the median is reported), taken from "clean" rounds when possible
     warmup: int = 1  # untimed steps first
+    max_rounds: int = 10  # give up waiting for clean rounds after this many
+    noise_cores: float = 0.3  # a step is clean when the rest of the machine used less than this many cores
+    max_wait: float = 20.0  # seconds to wait for a quiet machine before each step
     seed: int = 0
 
     @property
@@ -125,37 +127,33 @@ class PeakMemory:
         }
 
 
-class StepTimer:
-    """Collects wall-clock step times (and this process's CPU seconds per step); the first ``warmup`` are dropped.
+class Clock:
+    """Wall-clock and CPU seconds (this process, all threads) of one interval."""
 
-    CPU seconds (all threads, user + system) barely move when other processes compete for the cores,
-    while wall time does; with 2 threads an unloaded step uses about 2x its wall time in CPU time.
-    """
-
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.times: list[float] = []
-        self.cpu_times: list[float] = []
-        self._t0 = self._c0 = 0.0
-
-    def start(self) -> None:
+    def __enter__(self) -> Clock:
         self._t0, self._c0 = time.perf_counter(), time.process_time()
+        return self
 
-    def stop(self) -> None:
-        self.times.append(time.perf_counter() - self._t0)
-        self.cpu_times.append(time.process_time() - self._c0)
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self._t0
+        self.cpu = time.process_time() - self._c0
 
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu_times[self.warmup:])
 
-    @property
-    def timed(self) -> list[float]:
-        return self.times[self.warmup:]
+def wait_for_go() -> bool:
+    """Tell the parent this side is ready for a step and block until it answers: True = step, False = stop.
 
-    @property
-    def median(self) -> float:
-        return statistics.median(self.timed)
+    The parent runs every side in its own process at once but lets only one step run at a time,
+    taking the sides in turn, so load from other programs on the machine falls on all sides alike.
+    """
+    print("READY", flush=True)
+    answer = sys.stdin.readline().strip()
+    if answer not in ("go", "done"):
+        raise SystemExit("the parent process went away")
+    return answer == "go"
+
+
+def report_step(**figures) -> None:
+    print("STEP " + json.dumps(figures), flush=True)
 
 
 def emit(result: dict) -> None:

@@ -10,7 +10,7 @@ span as the other sides' steps.
 
 from __future__ import annotations
 
-from _common import MODEL, PeakMemory, Settings, StepTimer, fixed_batch, lora_config
+from _common import MODEL, Clock, PeakMemory, Settings, fixed_batch, lora_config, report_step, wait_for_go
 from _sections import Sections
 
 
@@ -46,38 +46,23 @@ def run_floor(settings: Settings) -> dict:
 
     memory = PeakMemory()
     memory.start()
-    ref_timer = StepTimer(0)
-    ref_timer.start()
-    with torch.no_grad(), model.disable_adapter(), autocast():
+    with Clock() as ref, torch.no_grad(), model.disable_adapter(), autocast():
         ref_logps = completion_logps(causal_lm, input_ids, attention_mask, settings.prompt_len)
-    ref_timer.stop()
     assert ref_logps.shape == completions.shape  # computed once, beforehand; the floor's loss does not use it
 
-    timer = StepTimer(settings.warmup)
-
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
-    sections = Sections(causal_lm, settings.warmup)
-    for _ in range(settings.warmup + settings.steps):
-        timer.start()
-        sections.begin()
-        with autocast():
-            logps = completion_logps(causal_lm, input_ids, attention_mask, settings.prompt_len, sections)
-            loss = -(advantages.unsqueeze(1) * logps).mean()
-        sections.mark("forward: loss")
-        loss.backward()
-        sections.mark("backward")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sections.mark("optimizer")
-        timer.stop()
-        sections.end()
-    return {
-        "side": "floor",
-        "step_s": timer.median,
-        "step_times_s": timer.timed,
-        "step_cpu_s": timer.cpu_median,
-        "warmup_s": timer.times[: settings.warmup],
-        "ref_s": ref_timer.times[0],
-        "sections_s": sections.medians(),
-        **memory.report(),
-    }
+    sections = Sections(causal_lm)
+    while wait_for_go():
+        with Clock() as step:
+            sections.begin()
+            with autocast():
+                logps = completion_logps(causal_lm, input_ids, attention_mask, settings.prompt_len, sections)
+                loss = -(advantages.unsqueeze(1) * logps).mean()
+            sections.mark("forward: loss")
+            loss.backward()
+            sections.mark("backward")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sections.mark("optimizer")
+        report_step(step_s=step.wall, cpu_s=step.cpu, sections=sections.end())
+    return {"side": "floor", "first_ref_s": ref.wall, **memory.report()}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import warnings
 
-from _common import MODEL, PeakMemory, Settings, StepTimer, fixed_batch
+from _common import MODEL, Clock, PeakMemory, Settings, fixed_batch, report_step, wait_for_go
 from _sections import Sections
 
 
@@ -40,7 +40,7 @@ def our_batch(settings: Settings, vocab_size: int) -> dict:
     }
 
 
-def run_ours(settings: Settings) -> dict:
+def run_ours(settings: Settings, *, gradient_checkpointing: bool = False) -> dict:
     import torch
 
     from spogw.module import LoRA, SPOGWModule
@@ -50,6 +50,7 @@ def run_ours(settings: Settings) -> dict:
     module = SPOGWModule(
         model=MODEL, beta=settings.beta, lr=settings.lr,
         lora=LoRA(r=settings.lora_r, alpha=settings.lora_alpha, dropout=0.0),
+        gradient_checkpointing=gradient_checkpointing,
     )
     module.configure_model()
     module.train()
@@ -59,43 +60,32 @@ def run_ours(settings: Settings) -> dict:
 
     memory = PeakMemory()
     memory.start()
-    timer = StepTimer(0)
-    ref_times = []
-    for _ in range(settings.warmup + 1):  # the first call pays one-off kernel set-up, like the first step
-        timer.start()
-        with autocast():
-            refs = module.reference_logps(batch)
-        timer.stop()
-        ref_times.append(timer.times.pop())
-    batch.update({k: v for k, v in refs.items() if v is not None})
+    with autocast():  # the batch's old/ref log-probs, once, as an iteration's first epoch does
+        batch.update({k: v for k, v in module.reference_logps(batch).items() if v is not None})
 
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
-    sections = Sections(causal_lm, settings.warmup)
-    timer = StepTimer(settings.warmup)
-    for i in range(settings.warmup + settings.steps):
-        timer.start()
-        sections.begin()
-        with autocast():
-            loss = module.training_step(batch, i)
-        sections.mark("forward: loss + rest")
-        loss.backward()
-        sections.mark("backward")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sections.mark("optimizer")
-        timer.stop()
-        sections.end()
+    sections = Sections(causal_lm)
+    i = 0
+    while wait_for_go():
+        # The one-off pass is timed in every round too, so it gets a median; its result is dropped.
+        with Clock() as ref, autocast():
+            module.reference_logps(batch)
+        with Clock() as step:
+            sections.begin()
+            with autocast():
+                loss = module.training_step(batch, i)
+            sections.mark("forward: loss + rest")
+            loss.backward()
+            sections.mark("backward")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            sections.mark("optimizer")
+        report_step(step_s=step.wall, cpu_s=step.cpu, ref_s=ref.wall, sections=sections.end())
+        i += 1
     return {
-        "side": "ours",
-        "step_s": timer.median,
-        "step_times_s": timer.timed,
-        "step_cpu_s": timer.cpu_median,
-        "warmup_s": timer.times[: settings.warmup],
-        "ref_s": ref_times[-1],
-        "ref_first_s": ref_times[0],
-        "sections_s": sections.medians(),
+        "side": "ours-gc" if gradient_checkpointing else "ours",
         "trainable_params": module.count_parameters()["trainable"],
         **memory.report(),
     }

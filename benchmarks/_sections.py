@@ -10,15 +10,12 @@ mistaken for forward time. The clock reads ``time.perf_counter``: it costs micro
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections import defaultdict
 
 
 class Sections:
-    def __init__(self, causal_lm, warmup: int):
-        self.warmup = warmup
-        self.steps: list[dict[str, float]] = []
+    def __init__(self, causal_lm):
         self._current: dict[str, float] | None = None
         self._last = 0.0
         self._forward = False
@@ -45,13 +42,9 @@ class Sections:
         if not name.startswith("forward"):
             self._forward = False
 
-    def end(self) -> None:
-        if self._current is not None:
-            self.steps.append(dict(self._current))
+    def end(self) -> dict[str, float]:
+        """The step's seconds per section."""
+        step = dict(self._current or {})
         self._current = None
         self._forward = False
-
-    def medians(self) -> dict[str, float]:
-        timed = self.steps[self.warmup:]
-        names = list(dict.fromkeys(name for step in timed for name in step))
-        return {name: statistics.median(step.get(name, 0.0) for step in timed) for name in names}
+        return step

@@ -11,14 +11,14 @@ gradient clipping and the AdamW step. A step is timed from ``on_step_begin`` to 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
-from _common import MODEL, PeakMemory, Settings, StepTimer, fixed_batch, lora_config
+from _common import MODEL, Clock, PeakMemory, Settings, fixed_batch, lora_config, report_step, wait_for_go
 
 
 def run_trl(settings: Settings, *, gradient_checkpointing: bool = True) -> dict:
     """Time TRL's step; ``gradient_checkpointing=True`` is GRPOConfig's default."""
-    import torch
     import trl
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -44,17 +44,23 @@ def run_trl(settings: Settings, *, gradient_checkpointing: bool = True) -> dict:
     def fixed_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
         return [reward_of[tuple(ids)] for ids in completion_ids]
 
-    timer = StepTimer(settings.warmup)
+    clock = Clock()
+
+    class StopTraining(Exception):
+        """Raised at the start of a step the parent does not want: ends ``trainer.train()`` cleanly enough."""
 
     class TimeSteps(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            timer.start()
+            if not wait_for_go():
+                raise StopTraining
+            clock.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):
-            timer.stop()
+            clock.__exit__()
+            report_step(step_s=clock.wall, cpu_s=clock.cpu)
 
-    n_steps = settings.warmup + settings.steps
-    dataset = Dataset.from_dict({"prompt": ["fixed prompt"] * n_steps})
+    max_steps = 1000  # the parent ends training much earlier, through StopTraining
+    dataset = Dataset.from_dict({"prompt": ["fixed prompt"] * 8})
     with tempfile.TemporaryDirectory(prefix="bench-trl-") as out:
         args = GRPOConfig(
             output_dir=out,
@@ -64,13 +70,13 @@ def run_trl(settings: Settings, *, gradient_checkpointing: bool = True) -> dict:
             beta=settings.beta,
             loss_type="grpo",  # 1/|y_i| per sequence, as in the paper's objective
             learning_rate=settings.lr,
-            max_steps=n_steps,
+            max_steps=max_steps,
             bf16=True,
             gradient_checkpointing=gradient_checkpointing,
             use_cpu=True,
             report_to="none",
             save_strategy="no",
-            logging_steps=1,
+            logging_steps=max_steps,  # logging is outside the timed span anyway; keep stdout quiet
             disable_tqdm=True,
             dataloader_num_workers=0,
             seed=settings.seed,
@@ -88,17 +94,12 @@ def run_trl(settings: Settings, *, gradient_checkpointing: bool = True) -> dict:
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         memory = PeakMemory()
         memory.start()
-        trainer.train()
-    assert len(timer.times) == n_steps, timer.times
+        with contextlib.suppress(StopTraining):
+            trainer.train()
     return {
         "side": "trl" if gradient_checkpointing else "trl-nogc",
         "gradient_checkpointing": gradient_checkpointing,
         "version": f"trl {trl.__version__}",
-        "step_s": timer.median,
-        "step_times_s": timer.timed,
-        "step_cpu_s": timer.cpu_median,
-        "warmup_s": timer.times[: settings.warmup],
         "trainable_params": trainable,
         **memory.report(),
-        "torch_threads": torch.get_num_threads(),
     }
