@@ -92,6 +92,7 @@ def test_default_fit_logs_to_wandb_offline_and_csv(tmp_path, tiny_model, scored_
     assert kinds["dataset"].startswith("groups-") and kinds["model"].startswith("adapter-")
 
 
+@pytest.mark.slow  # ~30 s: one more fit, in a subprocess
 def test_wandb_dying_mid_run_loses_no_training(tmp_path, tiny_model, scored_file):
     """The W&B service process is killed after step 3: a message, the run goes on, the CSV keeps every step."""
     run = tmp_path / "run"
@@ -185,3 +186,22 @@ def test_log_stage_summarises_scored_samples(tmp_path, monkeypatch):
     (row,) = [h for h in wb["history"] if "score/valid_rate" in h]
     assert row["score/executor_completion_tokens"] == 80 and row["score/workflows"]["nrows"] == 3
     assert row["score/score_hist"]["_type"] == "histogram"
+
+
+@pytest.mark.slow
+def test_ddp_config_two_cpu_processes_log_one_wandb_run(tmp_path, tiny_model):
+    """configs/ddp.yaml on 2 CPU processes: both ranks train, rank 0 alone writes the CSV and the W&B run."""
+    from conftest import write_scored
+
+    scored = write_scored(tmp_path / "s.jsonl", queries=4, m=8)
+    run = tmp_path / "run"
+    args = ["fit", "--config", str(REPO / "configs" / "ddp.yaml"), *fit_args(tiny_model, scored, run)[1:],
+            "--trainer.devices", "2", "--trainer.precision", "32-true", "--trainer.max_steps", "2"]
+    proc = subprocess.run([sys.executable, "-m", "spogw.cli", *args], capture_output=True, text=True, timeout=900,
+                          env=no_key_env(tmp_path), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr and proc.stderr.count("W&B offline (") == 1
+    wb = read_run(offline_run_dir(run), "train/loss", artifacts=2)  # exactly one offline run
+    assert len([h for h in wb["history"] if "train/loss" in h]) == 2
+    rows = [r for r in csv.DictReader((run / "lightning_logs" / "version_0" / "metrics.csv").open()) if r["train/loss"]]
+    assert len(rows) == 2 and not (run / "lightning_logs" / "version_1").exists()
