@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +137,8 @@ def fit_flags(base_args: list[str]) -> set[str]:
 
     out = io.StringIO()
     try:
-        with contextlib.redirect_stdout(out):
+        with contextlib.redirect_stdout(out), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # LightningCLI warns that args= and sys.argv (`spogw sweep ...`) differ
             run_fit(["fit", *base_args, "--print_config"])
     except SystemExit as e:
         if e.code not in (0, None):
