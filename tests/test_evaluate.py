@@ -165,3 +165,14 @@ def test_quickstart_config_parses():
     cfg = parser.parse_path(str(Path(__file__).resolve().parents[1] / "configs" / "evaluate_quickstart.yaml"))
     assert cfg.benchmarks == ["humaneval"] and cfg.runs == 1 and len(cfg.baselines) == 6
     assert cfg.executor.kind == "local" and cfg.generator == "embedded"
+
+
+def test_the_cli_runs_the_stage_from_flags(records, tmp_path):
+    with OpenAIStub(StubConfig(responder=gold_responder(records))) as stub:
+        cli_main(["evaluate", "--benchmarks", "[math]", "--generator", "null", "--baselines", "[io]", "--runs", "1",
+                  "--limit", "2", "--data_dir", str(DATA), "--out_dir", str(tmp_path / "cli"),
+                  "--executor.kind", "openai", "--executor.model", "stub", "--executor.base_url", stub.base_url,
+                  "--executor.api_key_env", "SPOGW_TEST_NO_KEY", "--executor.cache", str(tmp_path / "c.sqlite")])
+        assert stub.requests == 2
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert results["table"]["io"]["avg"] == 100.0 and (tmp_path / "c.sqlite").is_file()

@@ -13,13 +13,13 @@ PROMPTS = [[{"role": "user", "content": "Write a workflow."}],
 def test_n_samples_per_prompt_seeded(tiny_model):
     gen = TransformersGenerator(tiny_model, batch_size=4)
     assert isinstance(gen, Generator)
-    out = gen.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=12, seed=1)
+    out = gen.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=6, seed=1)
     assert [len(samples) for samples in out] == [3, 3]
     assert all(isinstance(s, str) and s for samples in out for s in samples)
     assert len(set(out[0])) > 1  # sampled, not copies
-    assert gen.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=12, seed=1) == out
-    assert gen.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=12, seed=2) != out
-    greedy = gen.generate(PROMPTS, n=2, temperature=0.0, max_new_tokens=12)
+    assert gen.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=6, seed=1) == out
+    assert gen.generate(PROMPTS, n=3, temperature=1.0, max_new_tokens=6, seed=2) != out
+    greedy = gen.generate(PROMPTS, n=2, temperature=0.0, max_new_tokens=6)
     assert all(a == b for a, b in greedy)
     assert gen.stats.batches >= 4 and gen.stats.generated_tokens > 0 and max(gen.stats.batch_sizes) == 4
 
