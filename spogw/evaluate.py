@@ -87,8 +87,8 @@ class ExecutorOptions:
 class GenerationOptions:
     """How the generator writes the one workflow per test query."""
 
-    backend: Literal["transformers"] = "transformers"
-    """Generator backend (vLLM comes with the sample stage)."""
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """Generator backend: transformers (CPU or GPU) or vllm (GPU; uses its own defaults, batch_size/dtype unused)."""
     temperature: float = 0.0
     """0 = greedy: the generator's most likely workflow."""
     top_p: float = 1.0
@@ -242,8 +242,9 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
             have[(line["benchmark"], line["id"])] = line["workflow"]
     todo = [rec for recs in records.values() for rec in recs if (rec.benchmark, rec.id) not in have]
     if todo:
-        gen = make_generator(generator, adapter, backend=options.backend, batch_size=options.batch_size,
-                             dtype=options.dtype)
+        backend_options = {"batch_size": options.batch_size, "dtype": options.dtype}
+        gen = make_generator(generator, adapter, backend=options.backend,
+                             **(backend_options if options.backend == "transformers" else {}))
         with _progress(len(todo), "generating workflows") as bar, _append(path) as f:
             # in batches of the generator's size, so that an interrupted run keeps what it generated
             for start in range(0, len(todo), options.batch_size):

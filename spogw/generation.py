@@ -7,7 +7,8 @@ training query from it; the evaluate stage draws one per test query. Backends:
 * :class:`TransformersGenerator` — the embedded default: a transformers causal LM (base model plus an
   optional peft LoRA adapter, merged for speed), left-padded batched ``generate`` over the chat
   template, on CPU or GPU.
-* vLLM (for GPU boxes) is left to the sample stage's issue; it implements the same method.
+* ``spogw.generation_vllm.VLLMGenerator`` — vLLM for GPU boxes (its own module, so that this one stays free
+  of vLLM); :func:`make_generator` picks either by name.
 
 Seeding: every batch reseeds torch with ``seed`` and the batch's position, so a call with the same
 prompts, ``n``, batch size and seed returns the same texts. A sampled text depends on its batch mates
@@ -159,7 +160,12 @@ class TransformersGenerator:
 
 def make_generator(model: str = "embedded", adapter: str | None = None, *, backend: str = "transformers",
                    **options) -> Generator:
-    """The generator backend by name (``transformers``; ``vllm`` once the sample stage adds it)."""
+    """The generator backend by name: ``transformers`` (:class:`TransformersGenerator`) or ``vllm``
+    (``spogw.generation_vllm.VLLMGenerator``; vLLM itself is imported when it first generates)."""
     if backend == "transformers":
         return TransformersGenerator(model, adapter, **options)
-    raise ValueError(f"`--generation.backend` must be transformers (vllm is not implemented yet), got {backend!r}")
+    if backend == "vllm":
+        from spogw.generation_vllm import VLLMGenerator
+
+        return VLLMGenerator(model, adapter, **options)
+    raise ValueError(f"`--generation.backend` must be transformers or vllm, got {backend!r}")

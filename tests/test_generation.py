@@ -46,7 +46,7 @@ def test_bad_adapter_and_sampling_options_fail_clearly(tiny_model, tmp_path):
                          ({"max_new_tokens": 0}, "`max_new_tokens`")):
         with pytest.raises(ValueError, match=flag):
             gen.generate(PROMPTS, **kwargs)
-    with pytest.raises(ValueError, match="backend"):
+    with pytest.raises(ValueError, match="`--generation.backend` must be transformers or vllm"):
         make_generator(tiny_model, backend="tgi")
 
 
@@ -59,3 +59,11 @@ def test_generator_prompt_shows_the_operators_template_and_question(family):
     assert message["role"] == "user" and "QUESTION-XYZ" in message["content"]
     assert spec.template.strip() in message["content"]
     assert all(op in message["content"] for op in spec.offered)
+
+
+def test_the_vllm_backend_is_dispatched_by_name_without_importing_vllm(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` would raise: construction must not need it
+    gen = make_generator("embedded", backend="vllm")
+    assert isinstance(gen, Generator) and gen.identity.startswith("vllm:embedded")
