@@ -170,7 +170,12 @@ def check_parameters(path: str | os.PathLike, config: dict[str, Any], *, overlay
     command = [str(c) for c in config.get("command") or []]
     if "fit" not in command:
         return  # not a `spogw fit` sweep: the program checks its own flags
-    flags = fit_flags(_base_args(command) + (["--config", overlay] if overlay else []))
+    base = _base_args(command)
+    for config_file in base[1::2]:
+        if not Path(config_file).is_file():
+            raise SweepError(f"{path}: the command's `--config {config_file}` is not found from {Path.cwd()}; run the "
+                             "sweep from the directory `wandb agent` would run it in (the repository root)")
+    flags = fit_flags(base + (["--config", overlay] if overlay else []))
     for name in config["parameters"]:
         if name not in flags:
             near = difflib.get_close_matches(name, sorted(flags), n=1)

@@ -113,3 +113,11 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path, tiny_model, scored_file,
     assert result["figures"]["figure3"].stat().st_size > 10_000
     md = (out / "report" / "summary.md").read_text()
     assert "beta=0.05" in md and "beta=0.2" in md and "proxy" in md
+
+
+def test_sweep_from_the_wrong_directory_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the command's configs/quickstart.yaml is relative to the repository root
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["sweep", str(SWEEPS / "beta.yaml"), "--dry_run", "true"])
+    assert exit_info.value.code == 2
+    assert "`--config configs/quickstart.yaml` is not found" in capsys.readouterr().err
