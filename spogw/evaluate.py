@@ -316,11 +316,12 @@ def make_executor(options: ExecutorOptions, out_dir: Path):
 
 async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOptions, fingerprints, judge: bool) -> None:
     """Run the jobs in chunks (each chunk's records are written before the next starts), score, append."""
-    from spogw.runtime.runner import WorkflowJob, run_many
+    from spogw.runtime.runner import WorkflowJob, run_many, sandbox_code_runner
 
     executor = make_executor(options, out)
     chunk_size = max(4 * options.concurrency, 32)
     code_checks = asyncio.Semaphore(2)  # code checks are CPU-bound sandboxed programs
+    pool = _sandbox_pool() if any(j.family == "code" for j in jobs) else None
     try:
         with _progress(len(jobs), "running workflows") as bar, _append(out / "records.jsonl") as f:
             for sandbox in (False, True):
@@ -331,21 +332,37 @@ async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOption
                         [WorkflowJob(j.code, records[j.benchmark][j.index].to_dict(), j.family, run_index=j.run)
                          for j in chunk], executor, concurrency=options.concurrency,
                         on_progress=lambda *_: bar(1), temperature=options.temperature,
-                        max_tokens=options.max_tokens, sandbox=sandbox)
+                        max_tokens=options.max_tokens, sandbox=sandbox,
+                        code_runner=None if pool is None else sandbox_code_runner(pool))
                     lines = await asyncio.gather(*(
-                        _score(j, records[j.benchmark][j.index], res, executor, judge, code_checks)
+                        _score(j, records[j.benchmark][j.index], res, executor, judge, code_checks, pool)
                         for j, res in zip(chunk, results, strict=True)))
                     for line in lines:
                         line["fingerprint"] = fingerprints[line["method"]]
                         f.write(json.dumps(line) + "\n")  # ASCII escapes: an output with lone surrogates still writes
                     f.flush()
     finally:
+        if pool is not None:
+            pool.close()
         aclose = getattr(executor, "aclose", None)
         if aclose is not None:
             await aclose()
 
 
-async def _score(job: _Job, record, result, executor, judge: bool, code_checks: asyncio.Semaphore) -> dict:
+def _sandbox_pool():
+    """Warm sandboxes for the programs of code checks and of the Test operator (~5 ms each instead of a one-off
+    sandbox's ~0.2 s); None where the pool cannot start, and each program then gets a one-off sandbox."""
+    from spogw.runtime.sandbox import SandboxPool
+
+    try:
+        return SandboxPool(workers=2)
+    except RuntimeError as exc:
+        print(f"spogw evaluate: no sandbox pool ({exc}); code checks use one-off sandboxes", file=sys.stderr)
+        return None
+
+
+async def _score(job: _Job, record, result, executor, judge: bool, code_checks: asyncio.Semaphore,
+                 pool=None) -> dict:
     """The record line of one run: the outcome, and its score with the reason."""
     from spogw.benchmarks import ascore_output_detailed
     from spogw.benchmarks.judge import judge_output
@@ -366,7 +383,7 @@ async def _score(job: _Job, record, result, executor, judge: bool, code_checks: 
         line["retry"] = result.status in INFRA_STATUSES
         return line
     async with code_checks if record.family == "code" else _nullcontext():
-        scored = await ascore_output_detailed(job.benchmark, record, result.output)
+        scored = await ascore_output_detailed(job.benchmark, record, result.output, pool=pool)
     line["score"], line["score_reason"] = scored.score, scored.reason
     line["retry"] = bool(scored.details.get("infrastructure_error"))
     if judge and record.family != "code":
