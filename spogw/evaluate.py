@@ -152,11 +152,15 @@ def evaluate(
     if generator is not None:
         workflows = generate_workflows(records, out / "workflows.jsonl", generator, adapter, generation, seed)
     done = read_records(out / "records.jsonl", fingerprints)
-    jobs = [job for job in _jobs(methods, records, workflows, runs, sandbox_baselines) if job.key not in done]
+    every = _jobs(methods, records, workflows, runs, sandbox_baselines)
+    jobs = [job for job in every if job.key not in done]
     if jobs:
         asyncio.run(_execute(jobs, records, out, executor, fingerprints, judge))
-    results = summarize(read_records(out / "records.jsonl", fingerprints, finished_only=False), methods, names,
-                        runs, {n: len(r) for n, r in records.items()})
+    # only this evaluation's (method, query, run)s: a directory reused with a smaller --limit holds more
+    wanted = {job.key for job in every}
+    lines = {k: v for k, v in read_records(out / "records.jsonl", fingerprints, finished_only=False).items()
+             if k in wanted}
+    results = summarize(lines, methods, names, runs, {n: len(r) for n, r in records.items()})
     results["settings"] = json.loads((out / "config.json").read_text())
     write_tables(results, out)
     print((out / "table.md").read_text())

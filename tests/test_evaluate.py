@@ -102,6 +102,10 @@ def test_writes_table_one_and_resumes_without_redoing_work(tiny_model, records, 
         evaluate(BENCHES, **kw)
         assert stub.requests == calls
         assert len(read_lines(out)) == len(lines) - 5 + 5
+        # the same directory with a smaller --limit reports only its own queries, from the records already there
+        smaller = evaluate(BENCHES, **{**kw, "limit": 1})
+        assert stub.requests == calls
+        assert smaller["table"]["io"]["benchmarks"]["math"]["records"] == 1 * 2
         # changing a setting that matters (the executor's max tokens) runs everything again
         kw["executor"].max_tokens = 300
         evaluate(BENCHES, **{**kw, "generator": None})
