@@ -134,6 +134,19 @@ def default_loggers(run_dir: str | os.PathLike, *, project: str | None = None, n
     return loggers
 
 
+class _NoRun:
+    """Stands in for the W&B run once W&B has failed: every attribute, call and item is a no-op."""
+
+    def __getattr__(self, name: str) -> _NoRun:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _NoRun:
+        return self
+
+    def __getitem__(self, key: Any) -> _NoRun:
+        return self
+
+
 class SafeWandbLogger(_WandbLogger):
     """Lightning's WandbLogger that survives W&B: a failure is reported once and W&B is dropped, not training.
 
@@ -159,10 +172,12 @@ class SafeWandbLogger(_WandbLogger):
 
     @property
     def experiment(self):
+        if self.failed is not None:
+            return _NoRun()  # W&B is off for this run: every call is a no-op
         try:
             return super().experiment
         except Exception as e:  # noqa: BLE001 - wandb raises many kinds; training must not depend on it
-            if self._wandb_init.get("mode") != "offline" and self._experiment is None:
+            if not self._offline and self._experiment is None:
                 say(f"W&B could not start online ({type(e).__name__}: {e}); retrying offline")
                 self._wandb_init["mode"] = "offline"
                 self._offline = True
@@ -171,7 +186,7 @@ class SafeWandbLogger(_WandbLogger):
                 except Exception as e2:  # noqa: BLE001
                     e = e2
             self._fail("starting the run", e)
-            raise
+            return _NoRun()
 
     def _guarded(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         if self.failed is not None:
@@ -204,10 +219,8 @@ class SafeWandbLogger(_WandbLogger):
         """The W&B run, or None once W&B has failed (for callbacks that log richer objects)."""
         if self.failed is not None:
             return None
-        try:
-            return self.experiment
-        except Exception:  # noqa: BLE001 - reported by experiment
-            return None
+        run = self.experiment
+        return None if self.failed is not None else run
 
 
 def wandb_logger(trainer: L.Trainer) -> SafeWandbLogger | None:
