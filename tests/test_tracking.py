@@ -205,3 +205,38 @@ def test_ddp_config_two_cpu_processes_log_one_wandb_run(tmp_path, tiny_model):
     assert len([h for h in wb["history"] if "train/loss" in h]) == 2
     rows = [r for r in csv.DictReader((run / "lightning_logs" / "version_0" / "metrics.csv").open()) if r["train/loss"]]
     assert len(rows) == 2 and not (run / "lightning_logs" / "version_1").exists()
+
+
+@pytest.mark.slow  # ~25 s: one more fit, in a subprocess
+def test_server_refusing_the_run_falls_back_to_offline(tmp_path, tiny_model, scored_file):
+    """A W&B server that answers (so the run starts online) but refuses the key: the fit retries offline."""
+    run = tmp_path / "run"
+    script = tmp_path / "refusing_server.py"
+    script.write_text(f"""
+import http.server, os, threading
+
+class Refuse(http.server.BaseHTTPRequestHandler):
+    def refuse(self):
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{{"errors": ["bad key"]}}')
+    do_GET = do_POST = refuse
+    def log_message(self, *args):
+        pass
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+os.environ.update(WANDB_API_KEY="x" * 40, WANDB_BASE_URL=f"http://127.0.0.1:{{server.server_address[1]}}",
+                  WANDB_INIT_TIMEOUT="30")
+from spogw.cli import run_fit
+run_fit({fit_args(tiny_model, scored_file, run, "--trainer.max_steps", "2")!r})
+""")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                          env=no_key_env(tmp_path), cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B offline (" not in proc.stderr  # key + reachable server: it tried online first
+    assert "W&B could not start online" in proc.stderr and "retrying offline" in proc.stderr
+    wb = read_run(offline_run_dir(run), "train/loss", artifacts=2)
+    assert len([h for h in wb["history"] if "train/loss" in h]) == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
