@@ -11,6 +11,10 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 STAMP      := $(VENV)/.installed-$(EXTRAS)
 PYTEST_ARGS ?=
+# Pipeline stages share the cores (generation, sandboxes, executor, DDP ranks): OpenMP threads that
+# spin while they wait made torch several times slower here. Passive waiting costs little when idle.
+export OMP_WAIT_POLICY ?= PASSIVE
+export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
 .PHONY: help install quickstart test test-slow test-all lint bench clean

@@ -159,8 +159,9 @@ def cli_main(args: list[str] | None = None) -> None:
     if argv[0] in COMMANDS:
         import importlib
 
-        from jsonargparse import CLI
+        from jsonargparse import CLI, set_parsing_settings
 
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs become --help text
         module, func = COMMANDS[argv[0]][0].split(":")
         if argv[0] in POSITIONAL and len(argv) > 1 and not argv[1].startswith("-"):
             argv.insert(1, POSITIONAL[argv[0]])  # `spogw report runs/x` = `spogw report --run_dir runs/x`

@@ -44,7 +44,7 @@ def cache_key(identity: str, messages: list[dict], *, temperature: float, max_to
                "max_tokens": int(max_tokens), "run_index": int(run_index), "repeat": int(repeat),
                "sampling": sampling}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()  # lone surrogates hash too
 
 
 class ResponseCache:
@@ -79,8 +79,9 @@ class ResponseCache:
         with self._lock:
             self._conn.execute(
                 "INSERT OR IGNORE INTO responses VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key, identity, result.text, result.prompt_tokens, result.completion_tokens, result.cost_usd,
-                 time.time()),
+                # sqlite stores valid UTF-8 only: a reply with lone surrogates is kept with replacement characters
+                (key, identity, result.text.encode("utf-8", "replace").decode("utf-8"), result.prompt_tokens,
+                 result.completion_tokens, result.cost_usd, time.time()),
             )
 
     def __len__(self) -> int:
