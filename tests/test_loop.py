@@ -1,0 +1,160 @@
+"""`spogw iterate`: the whole loop on a tiny workflow-writing model and a loopback executor, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, SHARED_DATA, WRITER_PROMPT
+from openai_stub import OpenAIStub, StubConfig
+
+from spogw.sampling import read_jsonl_tolerant
+
+AFLOW = SHARED_DATA / "aflow"
+pytestmark = pytest.mark.skipif(not (AFLOW / "humaneval_validate.jsonl").is_file(), reason="needs ../shared/data/aflow")
+
+
+def correct_code_by_entry_point(limit: int) -> dict[str, str]:
+    from spogw.benchmarks import load_benchmark
+
+    records = load_benchmark("humaneval", "train", data_dir=str(AFLOW), limit=limit)
+    return {r.entry_point: r.answer for r in records}
+
+
+def make_responder(solutions: dict[str, str]):
+    """The executor: right code when asked to think step by step, a wrong function otherwise."""
+
+    def respond(messages: list[dict]) -> str:
+        text = messages[-1]["content"]
+        entry = next((ep for ep in solutions if f"def {ep}(" in text), None)
+        if entry is None:
+            return "I don't know."
+        if "step by step" in text:
+            return f"```python\n{solutions[entry]}\n```"
+        return f"```python\ndef {entry}(*args, **kwargs):\n    return None\n```"
+
+    return respond
+
+
+def write_config(tmp_path: Path, writer: str, base_url: str, *, iterations: int = 2) -> Path:
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(WRITER_PROMPT)  # the tiny writer answers this prompt with a workflow
+    config = {
+        "benchmark": "humaneval", "run_dir": str(tmp_path / "run"), "iterations": iterations, "generator": writer,
+        "fit_config": str(REPO / "configs" / "quickstart.yaml"),
+        "fit_args": ["--data.curation.n", "4", "--data.curation.t", "1", "--data.curation.top_n", "2",
+                     "--data.curation.failed_score", "0.0",
+                     "--model.lora.r", "4", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+                     "--trainer.enable_model_summary", "false", "--model.lr", "1e-3",
+                     "--data.max_prompt_tokens", "64", "--data.max_completion_tokens", "96"],
+        "sampling": {"m": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 140, "max_resample": 1,
+                     "batch_size": 4, "prompt_file": str(prompt)},
+        "executor": {"kind": "openai", "model": "stub", "base_url": base_url, "api_key_env": "STUB_KEY",
+                     "concurrency": 8, "max_tokens": 256},
+        "runs": 1, "data_dir": str(AFLOW), "train_limit": 3,
+        "evaluation": {"enabled": True, "limit": 2, "runs": 1, "baselines": []},
+    }
+    path = tmp_path / "iterate.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start(config: Path) -> subprocess.Popen:
+    env = {**os.environ, "STUB_KEY": "test", "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "spogw.cli", "iterate", "--config", str(config)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, condition, timeout: float = 400) -> bool:
+    """kill -9 the whole process group as soon as ``condition()`` holds; False if the run ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        if condition():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the condition never held")
+
+
+def check_artifacts(run: Path, *, m: int, queries: int) -> None:
+    """No duplicated or lost record in any stage's artifact, whatever was interrupted."""
+    for it in sorted(run.glob("iter-*")):
+        samples = read_jsonl_tolerant(it / "samples.jsonl")
+        keys = Counter((s["query_id"], s["sample"]) for s in samples)
+        assert all(c == 1 for c in keys.values()), f"duplicate samples in {it}"
+        per_query = Counter(q for q, _ in keys)
+        assert all(c == m for c in per_query.values()), f"a partial query survived in {it}: {per_query}"
+        if (it / "scored.json").is_file():
+            scored = read_jsonl_tolerant(it / "scored.jsonl")
+            assert Counter((s["query_id"], s["sample"]) for s in scored) == keys, f"lost or duplicated scores in {it}"
+            assert len(per_query) == queries
+
+
+@pytest.mark.slow
+def test_iterate_survives_kill_9_anywhere(tmp_path, workflow_writer):
+    solutions = correct_code_by_entry_point(3)
+    with OpenAIStub(StubConfig(responder=make_responder(solutions))) as stub:
+        config = write_config(tmp_path, workflow_writer, stub.base_url)
+        run = tmp_path / "run"
+        it1 = run / "iter-1"
+        kill_points = [
+            lambda: len(read_jsonl_tolerant(it1 / "samples.jsonl")) >= 4,  # while sampling
+            lambda: (it1 / "samples.json").is_file(),                       # while scoring
+            lambda: (it1 / "fit").is_dir() and not (it1 / "fit" / "fit.done.json").is_file(),  # while fitting
+            lambda: (run / "iter-2" / "samples.json").is_file(),            # iteration 2, after its sampling
+        ]
+        for condition in kill_points:
+            killed = kill_when(start(config), condition)
+            check_artifacts(run, m=4, queries=3)
+            if not killed:
+                break
+        proc = start(config)
+        out = proc.communicate(timeout=600)[0].decode(errors="replace")
+        assert proc.returncode == 0, out[-4000:]
+        check_artifacts(run, m=4, queries=3)
+        summary = json.loads((run / "summary.json").read_text())
+        assert [it["iteration"] for it in summary["iterations"]] == [1, 2]
+        # π_1 sampled iteration 2 and was its reference: the fit of iteration 2 continued adapter 1
+        fit2 = yaml.safe_load((run / "iter-2" / "fit" / "config.yaml").read_text())
+        assert fit2["model"]["reference_adapter"] == str(run / "iter-1" / "fit" / "adapter")
+        assert (run / "iter-2" / "fit" / "adapter" / "adapter_config.json").is_file()
+        assert (run / "eval" / "table.md").is_file()
+        scored = read_jsonl_tolerant(run / "iter-1" / "scored.jsonl")
+        assert {s["score"] for s in scored if s["score"] is not None} >= {0.0, 1.0}  # the scores vary
+        # a finished run is not redone: a rerun changes no artifact and makes no executor request
+        stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*.jsonl")}
+        requests = stub.requests
+        proc = start(config)
+        assert proc.wait(timeout=600) == 0
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*.jsonl")} == stamps
+        assert stub.requests == requests
+
+
+def test_a_run_dir_from_another_config_is_refused(tmp_path):
+    from spogw.loop import RunDirMismatch, _check_run_dir
+
+    _check_run_dir(tmp_path, {"benchmark": "humaneval", "runs": 3, "iterations": 3})
+    _check_run_dir(tmp_path, {"benchmark": "humaneval", "runs": 3, "iterations": 5})  # more iterations: fine
+    with pytest.raises(RunDirMismatch, match="differs in: runs"):
+        _check_run_dir(tmp_path, {"benchmark": "humaneval", "runs": 1, "iterations": 5})
+
+
+def test_bad_fit_settings_fail_before_sampling(tmp_path):
+    from spogw.loop import iterate
+
+    with pytest.raises(ValueError, match="--model.beta"):
+        iterate("humaneval", run_dir=str(tmp_path / "run"), fit_config=str(REPO / "configs" / "quickstart.yaml"),
+                fit_args=["--model.beta", "-1"], data_dir=str(AFLOW), train_limit=1)
+    assert not (tmp_path / "run" / "iter-1").exists()
