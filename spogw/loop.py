@@ -224,6 +224,7 @@ def iterate(
             timings["sample_s"] = round(time.perf_counter() - start, 1)
             sample_stats["seconds"] = timings["sample_s"]
             _write_json(stats_path, sample_stats)
+            _log_stage("sample", sample_stats, None, root, k)  # the workflow table comes with their scores
 
         # 2. score every workflow r times with the executor
         stats_path = it / "scored.json"
@@ -245,6 +246,7 @@ def iterate(
                                    "the executor or the sandbox failed (see scored.jsonl, field `score_reason`); "
                                    "fix the cause and rerun the same command: only those are redone")
             _write_json(stats_path, score_stats)
+            _log_stage("score", score_stats, it / "scored.jsonl", root, k)
 
         # 3 + 4. build the group-wise dataset and train, with π_{k-1} as π_old = π_ref
         flags = fit_flags(fit_config=fit_config, generator=generator, scored=it / "scored.jsonl", fit_dir=it / "fit",
@@ -271,6 +273,20 @@ def iterate(
                                                   out_dir=str(root / "eval-base"), **{**eval_kwargs, "baselines": []})
         _write_json(root / "summary.json", summary)
     return summary
+
+
+def _log_stage(stage: str, stats: dict, artifact: Path | None, root: Path, k: int) -> None:
+    """Stage statistics (valid-workflow rate, score distribution, executor usage, a table) to W&B; never fatal."""
+    from spogw.sampling import read_jsonl_tolerant
+    from spogw.tracking import log_stage
+
+    flat = {key: v for key, v in stats.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    flat.update({f"executor_{key}": v for key, v in (stats.get("executor") or {}).items()})
+    try:
+        samples = None if artifact is None else read_jsonl_tolerant(artifact)
+        log_stage(stage, flat, samples=samples, run_dir=str(root), step=k)
+    except Exception as exc:  # tracking must never cost a finished stage
+        log.warning("could not log the %s stage: %s", stage, exc)
 
 
 def _generator_options(sampling: SamplingOptions) -> dict[str, Any]:
