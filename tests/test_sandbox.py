@@ -108,8 +108,13 @@ def test_files_must_stay_inside_the_working_dir(pool):
 def test_private_tmp_is_not_shared_between_tasks(pool):
     first = pool.run("open('/tmp/secret', 'w').write('a'); open('/dev/shm/s', 'w').write('b'); print('w')")
     assert first.status == "ok", first.reason
-    second = pool.run("import os; print(os.listdir('/tmp'), os.listdir('/dev/shm'))")
-    assert second.stdout.strip() == "['work'] []" if ROOT else "secret" not in second.stdout
+    second = pool.run("import os; print(sorted(os.listdir('/tmp')), os.listdir('/dev/shm'))")
+    if not ROOT:
+        assert "secret" not in second.stdout
+        return
+    # a checkout or venv under /tmp (CI may clone there) is bound back read-only: only its top directory shows
+    code = {Path(p).resolve().parts[2] for p in [REPO, sys.prefix] if Path(p).resolve().parts[1:2] == ("tmp",)}
+    assert second.stdout.strip() == f"{sorted({'work'} | code)} []"
 
 
 def test_benchmark_data_and_chosen_paths_are_hidden():

@@ -826,6 +826,34 @@ def _isolate(z: Zygote, task: dict, fds: dict, probe: list[str]) -> None:
             f.write(text)
 
 
+def _code_trees() -> list[str]:
+    """The trees a sandboxed Python needs: the interpreter, sys.path, and the project holding this file.
+
+    An editable install (or a CI checkout) can live under /tmp; the fresh tmpfs on /tmp would hide it."""
+    project = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+    trees = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, sys.exec_prefix,
+                                            os.path.dirname(sys.executable), *sys.path, project)
+             if p and os.path.isdir(p)}
+    return sorted(trees)
+
+
+def _mount_tmpfs_keeping_code(d: str, size_mb: int) -> list[str]:
+    """A fresh tmpfs on ``d``, with the code trees under ``d`` bound back read-only (through O_PATH fds)."""
+    under = [p for p in _code_trees() if p.startswith(d.rstrip("/") + "/")]
+    keep = [p for p in under if not any(p.startswith(q + "/") for q in under)]
+    fds = [(p, os.open(p, os.O_PATH | os.O_DIRECTORY)) for p in keep]
+    try:
+        mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,nr_inodes=8192,mode=1777")
+        for p, fd in fds:
+            os.makedirs(p, 0o755, exist_ok=True)
+            mount(f"/proc/self/fd/{fd}", p, None, MS_BIND | MS_REC)
+            mount("none", p, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    finally:
+        for _, fd in fds:
+            os.close(fd)
+    return keep
+
+
 def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> bool:
     """New mount + IPC namespace; fresh size-capped tmpfs on every world-writable directory; /proc for the pid ns."""
     mounted = []
@@ -839,9 +867,10 @@ def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> bool:
             raise
         return False
     size_mb = max(16, 4 * int(lim["file_size_mb"]))
+    kept = []
     for d in WRITABLE_DIRS:
         if os.path.isdir(d):
-            mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={size_mb}m,nr_inodes=8192,mode=1777")
+            kept += _mount_tmpfs_keeping_code(d, size_mb)
             mounted.append(d)
     os.mkdir("/tmp/work", 0o700)
     if z.is_root:
@@ -855,7 +884,8 @@ def _private_dirs(z: Zygote, lim: dict, probe: list[str] | None) -> bool:
             if probe is not None:
                 probe.append(f"private_proc=inactive: {e}")
     if probe is not None:
-        probe.append(f"private_tmp=active: fresh {size_mb} MB tmpfs on {', '.join(mounted)}; IPC namespace private")
+        probe.append(f"private_tmp=active: fresh {size_mb} MB tmpfs on {', '.join(mounted)}; IPC namespace private"
+                     + (f"; code bound back read-only: {', '.join(kept)}" if kept else ""))
     return True
 
 
