@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spogw.baselines import BASELINES, DISPLAY_NAMES, baseline_workflow, canonical_baseline
+from spogw.runtime.runner import INFRA_STATUSES
 
 GENERATOR_METHOD = "generator"
-INFRA_STATUSES = ("executor_error", "sandbox_error")
 """Outcomes that say nothing about the workflow: counted in the table, run again on resume."""
 BENCHMARK_ORDER = ("math", "humaneval", "mbpp", "hotpotqa", "drop")
 """Table 1's column order."""
@@ -410,20 +410,9 @@ class _nullcontext:
 
 def _read_jsonl(path: Path) -> list[dict]:
     """The lines of a JSONL artifact; a torn last line (an interrupted write) is ignored, other bad lines raise."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            if i == len(lines):
-                continue
-            raise ValueError(f"{path}:{i}: not JSON ({exc.msg}); delete the line or the file to redo it") from None
-    return out
+    from spogw.sampling import read_jsonl_tolerant
+
+    return read_jsonl_tolerant(path)
 
 
 def _append(path: Path):

@@ -26,11 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spogw.runtime.runner import INFRA_STATUSES
 from spogw.sampling import append_jsonl, read_jsonl_tolerant
 
 log = logging.getLogger(__name__)
 
-INFRA_STATUSES = ("executor_error", "sandbox_error")
 MAX_STORED_OUTPUT = 4000
 
 

@@ -39,6 +39,8 @@ from spogw.workflows.execute import HandleBase, call_workflow
 from spogw.workflows.operators import ExecutorCallError
 
 STATUSES = ("ok", "invalid", "error", "timeout", "executor_error", "sandbox_error")
+INFRA_STATUSES = ("executor_error", "sandbox_error")
+"""Outcomes that are no verdict on the workflow (the API or the sandbox failed): stages retry them on resume."""
 ENTRY = "spogw.workflows.execute:child_main"
 
 CodeRunner = Callable[[str, float], Awaitable[dict]]
