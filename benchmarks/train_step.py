@@ -8,11 +8,12 @@ peak memory, on the same small model, batch, sequence lengths and LoRA settings:
 * one group: one prompt of exactly 128 random ordinary tokens and 8 completions of exactly 128
   (no EOS inside), fixed rewards 0/1 (advantages +-0.94), fixed seed; 8 x 128 = 1,024 response tokens.
 
-Sides, each in its own fresh subprocess so its peak RSS is its own (``--sides``; default: all but trl-nogc):
+Sides, each in its own subprocess so its peak RSS is its own (``--sides``; default ours, floor, trl):
 
 * ``ours``     ``spogw.module.SPOGWModule``: ``training_step`` + backward + AdamW step, old/reference
                log-probs attached to the batch (computed once per iteration: the data is offline).
-               The one-off reference pass (``module.reference_logps``) is timed separately.
+               The one-off reference pass (``module.reference_logps``) is timed separately, before
+               each step (its result is dropped: the batch keeps the first one).
 * ``floor``    the issue's floor: a plain peft forward + backward, log-probs only at completion
                positions, reference computed beforehand, no loss extras (+ the AdamW step).
 * ``trl``      a real ``trl.GRPOTrainer`` step (GRPOConfig defaults, so gradient checkpointing on),
@@ -24,16 +25,17 @@ Sides, each in its own fresh subprocess so its peak RSS is its own (``--sides``;
 
 Timing on a shared machine: all sides are loaded at once, then step one at a time in rotating order,
 round after round, so a burst of load from other programs hits every side alike. Before each step the
-parent waits (up to ``--max-wait`` s) for the machine to be quiet; during it, it books how many cores the *rest*
-of the machine used (from ``/proc/stat`` minus the worker's own CPU time). A step during which others
+parent waits (up to ``--max-wait`` s) for the machine to be quiet; during it, it books how many cores
+the *rest* of the machine used (from ``/proc/stat`` minus the worker's own CPU time). A step during which others
 used fewer than ``--noise-cores`` cores is *clean*. Rounds go on until every side has ``--steps``
 clean steps after ``--warmup`` rounds (or ``--max-rounds``). Reported: the median over clean steps
 (all timed steps when none was clean), the fastest step, and the CPU seconds per step. tokens/s =
 1,024 / step time. Peak memory is the process's peak RSS (``ru_maxrss``, model loading included) and
 the peak during the steps alone (``VmHWM`` reset before the first step).
 
-Run: ``python benchmarks/train_step.py`` (about 3 minutes on an idle 2-core machine, longer when it is
-busy; ``--sides ours,floor`` for a quick look; ``--json FILE`` keeps the raw figures).
+Run: ``python benchmarks/train_step.py`` (4–5 minutes on an idle 2-core machine, 10–25 when it is
+busy; ``--sides ours,floor`` for a quick look; ``--json FILE`` keeps the raw figures). Figures and
+analysis: ``notes/bench-train.md``.
 """
 
 from __future__ import annotations
