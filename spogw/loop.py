@@ -251,12 +251,10 @@ def iterate(
         # 3 + 4. build the group-wise dataset and train, with π_{k-1} as π_old = π_ref
         flags = fit_flags(fit_config=fit_config, generator=generator, scored=it / "scored.jsonl", fit_dir=it / "fit",
                           reference=adapter, m=sampling.m, seed=seed + k, extra=list(fit_args))
-        start = time.perf_counter()
         adapter = _run_fit(flags, it / "fit")
         fit_done = json.loads((it / "fit" / "fit.done.json").read_text())
         summary["iterations"].append({"iteration": k, "sample": sample_stats, "score": score_stats,
-                                      "fit_seconds": fit_done["seconds"], "adapter": str(adapter),
-                                      "resumed_s": round(time.perf_counter() - start, 1)})
+                                      "fit_seconds": fit_done["seconds"], "adapter": str(adapter)})
         _write_json(root / "summary.json", summary)
 
     if evaluation.enabled:
