@@ -3,8 +3,9 @@
 ``spogw fit --config X.yaml`` is a LightningCLI over :class:`~spogw.module.SPOGWModule` and
 :class:`~spogw.data.GroupDataModule`: every option is a typed, documented flag
 (``spogw fit --help``), and the resolved config is written to ``<run_dir>/config.yaml`` so that
-``spogw fit --config <run_dir>/config.yaml`` reproduces the run. Further stages are their own
-subcommands (``spogw build``), each a plain function underneath.
+``spogw fit --config <run_dir>/config.yaml`` reproduces the run. The other stages are their own
+subcommands (:data:`COMMANDS`: build, iterate, evaluate, sweep, report), each a plain function
+whose typed signature and docstring jsonargparse turns into flags.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ commands:
 typical use:
   spogw fit --config configs/quickstart.yaml
   spogw fit --config runs/quickstart/config.yaml     # reproduce a run from its saved config
+  spogw iterate --config configs/humaneval.yaml      # the paper's loop (GPU, OpenAI-compatible executor)
+  spogw evaluate --config configs/evaluate_quickstart.yaml
 """
 
 
