@@ -137,14 +137,14 @@ def test_invalid_options_name_the_flag(kwargs, flag):
         SPOGWModule(**kwargs)
 
 
-@pytest.mark.parametrize("rows,chunk", [(1, 128), (300, 128), (256, 64)])
+@pytest.mark.parametrize("rows,chunk", [(1, 128), (130, 64), (100, 32)])
 def test_chunked_head_equals_log_softmax_in_value_and_gradient(rows, chunk):
     from spogw.module import _ChunkedTokenLogps
 
     g = torch.Generator().manual_seed(rows)
-    h = torch.randn(rows, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(50, 16, dtype=torch.float64, generator=g)
-    t = torch.randint(0, 50, (rows,), generator=g)
+    h = torch.randn(rows, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(20, 8, dtype=torch.float64, generator=g)
+    t = torch.randint(0, 20, (rows,), generator=g)
     assert torch.autograd.gradcheck(lambda x: _ChunkedTokenLogps.apply(x, w, t, chunk, 0.7, torch.float64), (h,))
     logits = (h @ w.T) / 0.7
     expected = torch.log_softmax(logits, -1).gather(-1, t[:, None]).squeeze(-1)
