@@ -4,7 +4,7 @@
 :class:`~spogw.data.GroupDataModule`: every option is a typed, documented flag
 (``spogw fit --help``), and the resolved config is written to ``<run_dir>/config.yaml`` so that
 ``spogw fit --config <run_dir>/config.yaml`` reproduces the run. The other stages are their own
-subcommands (:data:`COMMANDS`: build, iterate, evaluate, sweep, report), each a plain function
+subcommands (:data:`COMMANDS`: sample, score, build, iterate, evaluate, sweep, report), each a plain function
 whose typed signature and docstring jsonargparse turns into flags.
 """
 
@@ -33,6 +33,8 @@ TRAINER_DEFAULTS = {
 # Stage subcommands other than `fit`: name -> ("module:function", one-line help). Each function is
 # also the stage's plain Python API; jsonargparse turns its typed signature and docstring into flags.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("spogw.sampling:sample_stage", "the generator writes m workflows per query (resumable JSONL)"),
+    "score": ("spogw.scoring:score_stage", "run every sampled workflow r times with the executor and score it"),
     "build": ("spogw.cli:build", "build the group-wise dataset from scored samples"),
     "iterate": ("spogw.loop:iterate", "run K ioGRPO iterations: sample -> score -> build -> fit, then evaluate"),
     "evaluate": ("spogw.evaluate:evaluate", "solve rates of the generator and the static baselines (Table 1)"),

@@ -171,7 +171,7 @@ def iterate(
     from spogw.benchmarks import load_benchmark
     from spogw.evaluate import make_executor
     from spogw.generation import make_generator
-    from spogw.sampling import sample
+    from spogw.sampling import generator_options, sample
     from spogw.scoring import score
 
     # YAML turns `[--model.lr, 1e-3]` into a number: flags are text again here
@@ -207,7 +207,7 @@ def iterate(
         else:
             start = time.perf_counter()
             gen = make_generator(generator, None if adapter is None else str(adapter), backend=sampling.backend,
-                                 **_generator_options(sampling))
+                                 **generator_options(sampling))
             bar, update = _progress(f"iter {k} sample", "query")
             try:
                 sample_stats = sample(records, it / "samples.jsonl", generator=gen, options=sampling, seed=seed,
@@ -285,12 +285,6 @@ def _log_stage(stage: str, stats: dict, artifact: Path | None, root: Path, k: in
         log_stage(stage, flat, samples=samples, run_dir=str(root), step=k)
     except Exception as exc:  # tracking must never cost a finished stage
         log.warning("could not log the %s stage: %s", stage, exc)
-
-
-def _generator_options(sampling: SamplingOptions) -> dict[str, Any]:
-    if sampling.backend == "transformers":
-        return {"batch_size": sampling.batch_size, "dtype": sampling.dtype}
-    return {}
 
 
 def _eval_generation(sampling: SamplingOptions):

