@@ -333,11 +333,16 @@ class Tracking(L.Callback):
         self.table_rows = table_rows
         self.log_artifacts = log_artifacts
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def _logger_and_run(trainer: L.Trainer):
+        """(W&B logger, its run) on the first process, else (None, None)."""
         logger = wandb_logger(trainer)
         if not trainer.is_global_zero or logger is None:
-            return
-        run = _run_of(logger)
+            return None, None
+        return logger, _run_of(logger)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        logger, run = self._logger_and_run(trainer)
         if run is None:
             return
         config_file = Path(trainer.default_root_dir) / "config.yaml"
@@ -371,10 +376,7 @@ class Tracking(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # on_fit_end runs after the module's on_train_end has saved the adapter.
-        logger = wandb_logger(trainer)
-        if not trainer.is_global_zero or logger is None:
-            return
-        run = _run_of(logger)
+        logger, run = self._logger_and_run(trainer)
         if run is None:
             return
         if self.log_artifacts:
