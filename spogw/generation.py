@@ -34,8 +34,9 @@ class Generator(Protocol):
     """Names the model and adapter (recorded next to every generated workflow)."""
 
     def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 512, seed: int = 0) -> list[list[str]]:
-        """``n`` completions for each chat conversation in ``prompts``, in order."""
+                 max_new_tokens: int = 512, seed: int = 0, guide: str | None = None) -> list[list[str]]:
+        """``n`` completions for each chat conversation in ``prompts``, in order; ``guide`` names a workflow
+        family whose grammar constrains them (guided sampling, ``spogw.workflows.guide``)."""
         ...
 
 
@@ -87,6 +88,7 @@ class TransformersGenerator:
         self.identity = f"transformers:{model}" + (f"+{adapter}" if adapter else "")
         self.stats = GenerationStats()
         self._model = self._tokenizer = None
+        self._guides: dict = {}
         self._lock = threading.Lock()
 
     def _load(self) -> None:
@@ -113,9 +115,16 @@ class TransformersGenerator:
         self._tokenizer, self._model = tokenizer, model
 
     def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 512, seed: int = 0, on_batch=None) -> list[list[str]]:
-        """``n`` completions per conversation; ``on_batch(done_rows, total_rows)`` reports progress."""
+                 max_new_tokens: int = 512, seed: int = 0, guide: str | None = None,
+                 on_batch=None) -> list[list[str]]:
+        """``n`` completions per conversation; ``on_batch(done_rows, total_rows)`` reports progress.
+
+        With ``guide`` (a workflow family) the completions are sampled inside that family's workflow grammar
+        (:mod:`spogw.workflows.guide`): each conversation is prefilled once and its ``n`` rows (in chunks of
+        ``batch_size``) share that prefill."""
         _check_sampling(n, temperature, top_p, max_new_tokens)
+        if guide is not None:
+            return self._generate_guided(prompts, guide, n, temperature, top_p, max_new_tokens, seed, on_batch)
         rows = [conv for conv in prompts for _ in range(n)]
         texts: list[str] = []
         with self._lock:
@@ -126,6 +135,39 @@ class TransformersGenerator:
                 if on_batch is not None:
                     on_batch(len(texts), len(rows))
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_guided(self, prompts, family: str, n: int, temperature: float, top_p: float,
+                         max_new_tokens: int, seed: int, on_batch) -> list[list[str]]:
+        from spogw.workflows.guide import TokenGuide, guided_generate, load_guide
+
+        out: list[list[str]] = []
+        with self._lock:
+            self._load()
+            tok = self._tokenizer
+            if family not in self._guides:
+                self._guides[family] = TokenGuide(load_guide(family), tok)
+            guide = self._guides[family]
+            for c, conversation in enumerate(prompts):
+                text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+                ids = tok(text, truncation=True, max_length=self.max_prompt_tokens, add_special_tokens=False)
+                texts: list[str] = []
+                for start in range(0, n, self.batch_size):
+                    t0 = time.perf_counter()
+                    rows = min(self.batch_size, n - start)
+                    chunk, decoded = guided_generate(self._model, ids["input_ids"], guide, n=rows,
+                                                     temperature=temperature, top_p=top_p,
+                                                     max_new_tokens=max_new_tokens,
+                                                     seed=seed * 1_000_003 + c * n + start)
+                    texts += chunk
+                    self.stats.prompt_tokens += len(ids["input_ids"])
+                    self.stats.generated_tokens += decoded
+                    self.stats.seconds += time.perf_counter() - t0
+                    self.stats.batches += 1
+                    self.stats.batch_sizes.append(rows)
+                    if on_batch is not None:
+                        on_batch(c * n + start + rows, len(prompts) * n)
+                out.append(texts)
+        return out
 
     def _generate_batch(self, conversations: list[list[dict]], temperature: float, top_p: float,
                         max_new_tokens: int, seed: int) -> list[str]:

@@ -163,9 +163,12 @@ class VLLMGenerator:
 
     # --- generation -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 512, seed: int = 0, on_batch=None) -> list[list[str]]:
+                 max_new_tokens: int = 512, seed: int = 0, guide: str | None = None,
+                 on_batch=None) -> list[list[str]]:
         """``n`` completions per conversation, in prompt order; ``on_batch(done, total)`` is called once at the end
-        (vLLM schedules the whole call itself)."""
+        (vLLM schedules the whole call itself). ``guide`` (a workflow family) constrains the completions to the
+        family's workflow grammar through vLLM's structured outputs (its regular expression,
+        :meth:`spogw.workflows.guide.Guide.regex`)."""
         _check_sampling(n, temperature, top_p, max_new_tokens)
         if max_new_tokens >= self.max_model_len:
             raise ValueError(f"`max_new_tokens` ({max_new_tokens}) leaves no room for the prompt in "
@@ -179,8 +182,15 @@ class VLLMGenerator:
             start = time.perf_counter()
             room = min(self.max_prompt_tokens, self.max_model_len - max_new_tokens)
             ids = [self._prompt_ids(conv, room) for conv in prompts]
+            constraint = {}
+            if guide is not None:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                from spogw.workflows.guide import load_guide
+
+                constraint = {"structured_outputs": StructuredOutputsParams(regex=load_guide(guide).regex())}
             params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                     max_tokens=max_new_tokens, seed=seed * 1_000_003 + i)
+                                     max_tokens=max_new_tokens, seed=seed * 1_000_003 + i, **constraint)
                       for i in range(len(prompts))]
             outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, lora_request=self.lora_request(),
                                    use_tqdm=False)
