@@ -98,6 +98,8 @@ class GenerationOptions:
     """Prompts per batched generate."""
     dtype: str = "float32"
     """Weights dtype of the generator (float32, bfloat16, ...)."""
+    guided: bool = False
+    """Generate inside the family's workflow grammar (as ``--sampling.guided`` does for training queries)."""
 
 
 def evaluate(
@@ -251,12 +253,13 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
                              **(backend_options if options.backend == "transformers" else {}))
         with _progress(len(todo), "generating workflows") as bar, _append(path) as f:
             # in batches of the generator's size, so that an interrupted run keeps what it generated
-            for start in range(0, len(todo), options.batch_size):
-                chunk = todo[start:start + options.batch_size]
+            # (guided batches hold one family: the grammar is the family's)
+            for start, chunk in _chunks(todo, options.batch_size, by_family=options.guided):
                 t0 = time.perf_counter()
                 texts = gen.generate([generator_messages(r.family, r.question) for r in chunk], n=1,
                                      temperature=options.temperature, top_p=options.top_p,
-                                     max_new_tokens=options.max_new_tokens, seed=seed + start)
+                                     max_new_tokens=options.max_new_tokens, seed=seed + start,
+                                     **_guide(chunk, options))
                 seconds = (time.perf_counter() - t0) / len(chunk)
                 for rec, (text,) in zip(chunk, texts, strict=True):
                     have[(rec.benchmark, rec.id)] = text
@@ -266,6 +269,32 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
                 f.flush()
                 bar(len(chunk))
     return have
+
+
+def _chunks(todo: list, size: int, *, by_family: bool) -> list[tuple[int, list]]:
+    """``(position of the first record, records)`` batches of ``todo``; with ``by_family``, one family per batch."""
+    out, start = [], 0
+    groups = [todo]
+    if by_family:
+        families: dict[str, list] = {}
+        for rec in todo:
+            families.setdefault(rec.family, []).append(rec)
+        groups = list(families.values())
+    for group in groups:
+        for i in range(0, len(group), size):
+            out.append((start, group[i:i + size]))
+            start += len(group[i:i + size])
+    return out
+
+
+def _guide(chunk, options: GenerationOptions) -> dict:
+    """``guide=<family>`` for a guided generation of one family's records."""
+    if not options.guided:
+        return {}
+    families = {r.family for r in chunk}
+    if len(families) != 1:
+        raise ValueError(f"guided generation takes one workflow family per call, got {sorted(families)}")
+    return {"guide": families.pop()}
 
 
 # -- running and scoring ----------------------------------------------------------------------------

@@ -290,8 +290,8 @@ def _log_stage(stage: str, stats: dict, artifact: Path | None, root: Path, k: in
 def _eval_generation(sampling: SamplingOptions):
     from spogw.evaluate import GenerationOptions
 
-    return GenerationOptions(max_new_tokens=sampling.max_new_tokens, batch_size=sampling.batch_size,
-                             dtype=sampling.dtype)
+    return GenerationOptions(backend=sampling.backend, max_new_tokens=sampling.max_new_tokens,
+                             batch_size=sampling.batch_size, dtype=sampling.dtype, guided=sampling.guided)
 
 
 CHECK_FIT = "import sys; from spogw.cli import run_fit; run_fit(sys.argv[1:], run=False)"

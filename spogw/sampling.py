@@ -47,6 +47,10 @@ class SamplingOptions:
     """transformers: sequences per batched generate."""
     dtype: str = "float32"
     """transformers: weights dtype of the generator."""
+    guided: bool = False
+    """Sample inside the family's workflow grammar (``guide:`` in spogw/workflows/families/<family>.yaml): the
+    generator chooses the operator steps and writes their instructions, the rest of the code is fixed. For
+    generators too small to write a workflow class freely (the embedded quickstart); the paper samples freely."""
     prompt_file: str | None = None
     """A text file replacing the generator prompt (for prompt ablations); may use {question}, {operators},
     {template} and {call_signature}. None uses the family's prompt (spogw/workflows/prompts/generator.yaml)."""
@@ -146,6 +150,8 @@ def sample_query(generator, record, options: SamplingOptions, *, seed: int, iter
     messages = generation_messages(record, options)
     qseed = query_seed(seed, iteration, record.id)
     kwargs = {"temperature": options.temperature, "top_p": options.top_p, "max_new_tokens": options.max_new_tokens}
+    if options.guided:
+        kwargs["guide"] = record.family
     texts = generator.generate([messages], n=options.m, seed=qseed, **kwargs)[0]
     reasons = [_validate(t, record.family) for t in texts]
     attempts = [1] * options.m
@@ -160,7 +166,7 @@ def sample_query(generator, record, options: SamplingOptions, *, seed: int, iter
     return [{
         "query_id": record.id, "benchmark": record.benchmark, "family": record.family, "iteration": iteration,
         "sample": i, "prompt": messages, "completion": text, "valid": reason is None, "invalid_reason": reason,
-        "attempts": attempts[i], "generator": generator.identity,
+        "attempts": attempts[i], "generator": generator.identity, "guided": options.guided,
     } for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
 
 
