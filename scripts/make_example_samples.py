@@ -63,18 +63,20 @@ def workflow(rng: random.Random) -> tuple[str, float]:
     return code, quality
 
 
-def main(out: Path = Path(__file__).resolve().parents[1] / "examples" / "synthetic_scored_samples.jsonl",
-         m: int = 16, runs: int = 3, seed: int = 0) -> None:
+OUT = Path(__file__).resolve().parents[1] / "examples" / "synthetic_scored_samples.jsonl"
+
+
+def main(out: Path = OUT, m: int = 16, runs: int = 3, seed: int = 0) -> None:
     rng = random.Random(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for qid, problem in TASKS.items():
             for i in range(m):
                 text, quality = workflow(rng)
-                if rng.random() < 0.05:  # a workflow that failed to run: score null, as the score stage writes it
-                    score = None
-                else:  # the mean of `runs` pass/fail executions, like a solve rate averaged over r runs
-                    score = sum(rng.random() < quality for _ in range(runs)) / runs
+                # 5 % failed to run (score null, as the score stage writes it); the rest: the mean of `runs`
+                # pass/fail executions, like a solve rate averaged over r runs
+                failed = rng.random() < 0.05
+                score = None if failed else sum(rng.random() < quality for _ in range(runs)) / runs
                 f.write(json.dumps({"query_id": qid, "sample": i, "prompt": PROMPT.replace("{problem}", problem),
                                     "completion": text, "score": score, "synthetic": True}) + "\n")
     print(f"wrote {len(TASKS) * m} samples to {out}")

@@ -51,9 +51,10 @@ commands:
 {commands}
 
 typical use:
-  spogw fit --config configs/quickstart.yaml
-  spogw fit --config runs/quickstart/config.yaml     # reproduce a run from its saved config
+  spogw iterate --config configs/quickstart.yaml     # the whole loop on a CPU, offline (embedded SmolLM2-135M)
   spogw iterate --config configs/humaneval.yaml      # the paper's loop (GPU, OpenAI-compatible executor)
+  spogw fit --config configs/fit/quickstart.yaml     # the fit stage alone, on a shipped scored-samples file
+  spogw fit --config runs/fit-quickstart/config.yaml # reproduce a run from its saved config
   spogw evaluate --config configs/evaluate_quickstart.yaml
 """
 

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -154,6 +155,7 @@ def build_dataset(scored_samples: str | os.PathLike, out_dir: str | os.PathLike,
     """
     from datasets import Dataset as HFDataset
 
+    start = time.perf_counter()
     records, skipped = read_scored_samples(scored_samples, on_bad_record=on_bad_record)
     if curation.m is not None:
         counts: dict[Any, int] = {}
@@ -191,6 +193,7 @@ def build_dataset(scored_samples: str | os.PathLike, out_dir: str | os.PathLike,
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         HFDataset.from_list(rows).save_to_disk(str(tmp / "dataset"))
+        stats["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, default=str))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)

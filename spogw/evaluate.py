@@ -75,6 +75,8 @@ class ExecutorOptions:
     """Workflows running at once (and, for openai, calls in flight)."""
     max_batch: int = 8
     """local: most requests per batched generate."""
+    dtype: str = "float32"
+    """local: weights dtype (float32; bfloat16 is faster where the CPU or GPU supports it natively)."""
     price_in_per_m: float = 0.0
     """USD per 1M prompt tokens (gpt-4o-mini: 0.15), for the cost column."""
     price_out_per_m: float = 0.0
@@ -334,7 +336,7 @@ def make_executor(options: ExecutorOptions, out_dir: Path):
     from spogw.runtime.executor import LocalExecutor, OpenAIExecutor
 
     if options.kind == "local":
-        backend = LocalExecutor(options.model, max_batch=options.max_batch)
+        backend = LocalExecutor(options.model, max_batch=options.max_batch, dtype=options.dtype)
     else:
         backend = OpenAIExecutor(options.base_url, options.model, api_key_env=options.api_key_env,
                                  concurrency=options.concurrency, price_in_per_m=options.price_in_per_m,

@@ -136,7 +136,7 @@ def iterate(
     run_dir: str = "runs/iterate",
     iterations: int = 3,
     generator: str = "embedded",
-    fit_config: str = "configs/quickstart.yaml",
+    fit_config: str = "configs/fit/quickstart.yaml",
     fit_args: list[str | int | float | bool] = [],  # noqa: B006 - shown by --help, never mutated
     sampling: SamplingOptions = SamplingOptions(),  # noqa: B008
     executor: ExecutorOptions = ExecutorOptions(),  # noqa: B008
@@ -253,7 +253,10 @@ def iterate(
                           reference=adapter, m=sampling.m, seed=seed + k, extra=list(fit_args))
         adapter = _run_fit(flags, it / "fit")
         fit_done = json.loads((it / "fit" / "fit.done.json").read_text())
+        built = sorted((it / "fit").glob("data/groups-*/stats.json"), key=lambda p: p.stat().st_mtime)
+        build_stats = json.loads(built[-1].read_text()) if built else {}
         summary["iterations"].append({"iteration": k, "sample": sample_stats, "score": score_stats,
+                                      "build": {key: build_stats.get(key) for key in ("groups", "seconds")},
                                       "fit_seconds": fit_done["seconds"], "adapter": str(adapter)})
         _write_json(root / "summary.json", summary)
 
@@ -264,8 +267,10 @@ def iterate(
         eval_kwargs = dict(baselines=list(evaluation.baselines), executor=executor, generation=generation,
                            data_dir=data_dir, split=evaluation.split, limit=evaluation.limit, runs=evaluation.runs,
                            judge=evaluation.judge, seed=seed)
+        start = time.perf_counter()
         summary["evaluation"] = evaluate([benchmark], generator=generator, adapter=str(adapter),
                                          out_dir=str(root / "eval"), **eval_kwargs)
+        summary["evaluation_seconds"] = round(time.perf_counter() - start, 1)
         if evaluation.compare_base:
             summary["evaluation_base"] = evaluate([benchmark], generator=generator, adapter=None,
                                                   out_dir=str(root / "eval-base"), **{**eval_kwargs, "baselines": []})

@@ -49,7 +49,7 @@ def write_config(tmp_path: Path, writer: str, base_url: str, *, iterations: int 
     prompt.write_text(WRITER_PROMPT)  # the tiny writer answers this prompt with a workflow
     config = {
         "benchmark": "humaneval", "run_dir": str(tmp_path / "run"), "iterations": iterations, "generator": writer,
-        "fit_config": str(REPO / "configs" / "quickstart.yaml"),
+        "fit_config": str(REPO / "configs" / "fit" / "quickstart.yaml"),
         "fit_args": ["--data.curation.n", "4", "--data.curation.t", "1", "--data.curation.top_n", "2",
                      "--data.curation.failed_score", "0.0",
                      "--model.lora.r", "4", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
@@ -142,6 +142,47 @@ def test_iterate_survives_kill_9_anywhere(tmp_path, workflow_writer):
         assert stub.requests == requests
 
 
+def test_a_guided_iteration_end_to_end(tmp_path, tiny_model):
+    """The quickstart's path in small: an untrained model samples guided (every workflow valid), the executor
+    scores the plan-then-code workflows higher, and the loop builds groups, trains and evaluates."""
+    solutions = correct_code_by_entry_point(3)
+
+    def respond(messages: list[dict]) -> str:  # right code when the problem came with a plan, else wrong code
+        text = messages[-1]["content"]
+        entry = next((ep for ep in solutions if f"def {ep}(" in text), None)
+        if entry is None:
+            return "A plan."
+        if "Plan:" in text:
+            return f"```python\n{solutions[entry]}\n```"
+        return f"```python\ndef {entry}(*args, **kwargs):\n    return None\n```"
+
+    with OpenAIStub(StubConfig(responder=respond)) as stub:
+        config = yaml.safe_load(write_config(tmp_path, tiny_model, stub.base_url, iterations=1).read_text())
+        config["sampling"].update(prompt_file=None, guided=True, max_new_tokens=600)
+        config["fit_args"][config["fit_args"].index("--data.max_completion_tokens") + 1] = "600"
+        config["evaluation"]["baselines"] = ["io"]
+        path = tmp_path / "guided.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = start(path)
+        out = proc.communicate(timeout=600)[0].decode(errors="replace")
+    assert proc.returncode == 0, out[-4000:]
+    run = tmp_path / "run"
+    samples = read_jsonl_tolerant(run / "iter-1" / "samples.jsonl")
+    assert len(samples) == 12 and all(s["valid"] and s["guided"] for s in samples)
+    scored = read_jsonl_tolerant(run / "iter-1" / "scored.jsonl")
+    planned = {s["score"] for s in scored if "Plan:" in s["completion"]}
+    unplanned = {s["score"] for s in scored if "Plan:" not in s["completion"]}
+    assert 1.0 in planned and unplanned == {0.0}  # (a plan's code may still be revised into wrong code)
+    summary = json.loads((run / "summary.json").read_text())
+    (iteration,) = summary["iterations"]
+    assert iteration["build"]["groups"] > 0 and iteration["build"]["seconds"] >= 0
+    assert summary["evaluation_seconds"] > 0
+    assert (run / "iter-1" / "fit" / "adapter" / "adapter_config.json").is_file()
+    workflows = read_jsonl_tolerant(run / "eval" / "workflows.jsonl")
+    assert len(workflows) == 2 and all("class Workflow" in w["workflow"] for w in workflows)
+    assert "| Generator |" in (run / "eval" / "table.md").read_text()
+
+
 def test_a_run_dir_from_another_config_is_refused(tmp_path):
     from spogw.loop import RunDirMismatch, _check_run_dir
 
@@ -155,6 +196,7 @@ def test_bad_fit_settings_fail_before_sampling(tmp_path):
     from spogw.loop import iterate
 
     with pytest.raises(ValueError, match="--model.beta"):
-        iterate("humaneval", run_dir=str(tmp_path / "run"), fit_config=str(REPO / "configs" / "quickstart.yaml"),
-                fit_args=["--model.beta", "-1"], data_dir=str(AFLOW), train_limit=1)
+        iterate("humaneval", run_dir=str(tmp_path / "run"),
+                fit_config=str(REPO / "configs" / "fit" / "quickstart.yaml"), fit_args=["--model.beta", "-1"],
+                data_dir=str(AFLOW), train_limit=1)
     assert not (tmp_path / "run" / "iter-1").exists()

@@ -33,7 +33,8 @@ def fit_parser():
 
     cli = SPOGWCLI(SPOGWModule, GroupDataModule, save_config_callback=RunConfigCallback,
                    trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, auto_configure_optimizers=False,
-                   run=False, args=["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.logger", "false"])
+                   run=False, args=["--config", str(REPO / "configs" / "fit" / "quickstart.yaml"),
+                                    "--trainer.logger", "false"])
     return cli.parser
 
 
@@ -89,7 +90,7 @@ def tiny_overlay(tmp_path, tiny_model, scored_file):
 
 def test_local_sweep_runs_resumes_and_reports(tmp_path, tiny_model, scored_file, monkeypatch):
     """The beta sweep's own command on two β values and a tiny model: run one point, resume, then report."""
-    monkeypatch.chdir(REPO)  # the command names configs/quickstart.yaml relative to the repo, as wandb agent does
+    monkeypatch.chdir(REPO)  # the command names configs/fit/quickstart.yaml relative to the repo, as wandb agent does
     config = yaml.safe_load((SWEEPS / "beta.yaml").read_text())
     config["parameters"] = {"model.beta": {"values": [0.05, 0.2]}}
     small = tmp_path / "beta2.yaml"
@@ -116,8 +117,8 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path, tiny_model, scored_file,
 
 
 def test_sweep_from_the_wrong_directory_says_where_to_run_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the command's configs/quickstart.yaml is relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the command's configs/fit/quickstart.yaml is relative to the repository root
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["sweep", str(SWEEPS / "beta.yaml"), "--dry_run", "true"])
     assert exit_info.value.code == 2
-    assert "`--config configs/quickstart.yaml` is not found" in capsys.readouterr().err
+    assert "`--config configs/fit/quickstart.yaml` is not found" in capsys.readouterr().err

@@ -137,10 +137,15 @@ class Guide:
             walk([i])
         return out
 
-    def regex(self, max_slot_chars: int | None = None) -> str:
-        """The grammar as a regular expression (``[^"\\\\\\n]`` characters per instruction)."""
-        cap = max_slot_chars or 8 * self.slot_tokens
-        slot = f"{SLOT_TEXT}{{1,{cap}}}"
+    @property
+    def slot_chars(self) -> int:
+        """Most characters of one instruction (the regex's bound; the token decoder keeps to it as well)."""
+        return 16 * self.slot_tokens
+
+    def regex(self) -> str:
+        """The grammar as a regular expression; an instruction is 1 to :attr:`slot_chars` characters other than a
+        quote, a backslash or a newline."""
+        slot = f"{SLOT_TEXT}{{1,{self.slot_chars}}}"
 
         def option(o: str) -> str:
             return slot.join(_escape(p) for p in _body(o).split(SLOT))
@@ -195,6 +200,7 @@ class TokenGuide:
               for s in self.strings]
         self.free = torch.tensor(ok, dtype=torch.bool)
         """Tokens an instruction may consist of."""
+        self.lengths = torch.tensor([len(s) for s in self.strings])
         self.quote_tokens = [i for i, s in enumerate(self.strings) if s.startswith('"') and i not in special]
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self._tries: dict[int, dict] = {}
@@ -246,6 +252,7 @@ class GuidedRow:
         self.choices: list[int] = []
         self._node: dict | None = None  # inside a choice: the trie node reached
         self._slot: tuple[int, str] | None = None  # inside an instruction: (tokens so far, literal after it)
+        self._chars = 0  # characters of the current instruction
         self._rest: deque[str] = deque()  # literals after the slots of the chosen option
         self._start_step()
 
@@ -298,7 +305,9 @@ class GuidedRow:
         ends = list(self.tg.terminators(literal)) if count else []
         if count >= self.guide.slot_tokens:
             return ends
-        mask = self.tg.free.clone()
+        mask = self.tg.free & (self.tg.lengths <= self.guide.slot_chars - self._chars)
+        if not count:
+            return mask
         mask[ends] = True
         return mask
 
@@ -320,7 +329,7 @@ class GuidedRow:
         count, literal = self._slot
         piece = self.tg.strings[token]
         if count and literal.startswith(piece) and token in self.tg.terminators(literal):
-            self._slot = None
+            self._slot, self._chars = None, 0
             self.text.append(literal)
             rest = literal[len(piece):]
             if rest:
@@ -329,6 +338,7 @@ class GuidedRow:
             return
         self.text.append(piece)
         self._slot = (count + 1, literal)
+        self._chars += len(piece)
 
     def result(self) -> str:
         return "".join(self.text)
@@ -355,9 +365,13 @@ def guided_generate(model, prompt_ids, guide: TokenGuide, *, n: int, temperature
     rng = torch.Generator(device="cpu").manual_seed(seed)
     used = [len(header)] * n  # completion tokens per row
     position = torch.full((n,), len(prefix), dtype=torch.long)
+    import inspect
+
+    # transformers renamed the cache argument (past_key_values -> cache); speak whichever this version reads
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
         cache.batch_repeat_interleave(n)
         attention = torch.ones((n, len(prefix)), dtype=torch.long, device=device)
         logits = out.logits[:, -1].float().expand(n, -1)
@@ -391,7 +405,7 @@ def guided_generate(model, prompt_ids, guide: TokenGuide, *, n: int, temperature
             last = (lengths - 1).clamp(min=0)
             keep = torch.unique(last)
             out = model(input_ids=ids, attention_mask=attention, position_ids=positions.to(device),
-                        past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
+                        use_cache=True, logits_to_keep=keep.to(device), **{cache_arg: cache})
             column = torch.searchsorted(keep, last)
             logits = out.logits[torch.arange(n), column.to(device)].float()
             position += lengths
