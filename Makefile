@@ -58,6 +58,7 @@ bench: install ## run the benchmarks (prints figures and ratios against the peer
 	$(BIN)/python benchmarks/curation.py
 	$(BIN)/python benchmarks/sandbox_throughput.py
 	$(BIN)/python benchmarks/executor_throughput.py
+	$(BIN)/python benchmarks/quickstart.py
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf runs lightning_logs .pytest_cache .ruff_cache

@@ -7,7 +7,8 @@ sample stage's generator throughput.
 
 Part 2 measures the generator side by side on the same prompts (HumanEval training queries through the code
 family's generation prompt, the embedded SmolLM2-135M, m rows per query, same temperature), one query at a
-time, the three sides alternating per query so that machine noise hits all alike:
+time, the three sides in a rotating order so that machine noise hits all alike (a short untimed warm-up
+first):
 
 (a) the peer: transformers ``model.generate`` on the m copies of the prompt (left-padded batch, KV cache),
     asked for exactly as many new tokens per row as our guided workflows have (``min_new_tokens``);
@@ -16,7 +17,7 @@ time, the three sides alternating per query so that machine noise hits all alike
 (c) ours with forced runs fed one token per pass (``max_run=1``), to show where the time goes.
 
 Tokens/s counts completion tokens (forced and sampled alike) per second of wall time. Run:
-``python benchmarks/quickstart.py`` (about 12 minutes on 2 cores; ``--skip-loop`` for part 2 only, about 3).
+``python benchmarks/quickstart.py`` (about 17 minutes on 2 cores; ``--skip-loop`` for part 2 only, about 6).
 """
 
 from __future__ import annotations
@@ -78,31 +79,36 @@ def generator_sides(queries: int, m: int, temperature: float, seed: int) -> None
     guide = TokenGuide(load_guide("code"), tok)
     records = load_benchmark("humaneval", "train", limit=queries)
     totals = {"peer": [0, 0.0], "guided": [0, 0.0], "guided, one token per pass": [0, 0.0]}
+    warm = tok.apply_chat_template(generator_messages("code", records[0].question), tokenize=False,
+                                   add_generation_prompt=True)
+    guided_generate(model, tok(warm, add_special_tokens=False)["input_ids"], guide, n=2, temperature=temperature,
+                    top_p=0.95, max_new_tokens=1024, seed=seed)  # untimed: token tables, allocator
     for q, record in enumerate(records):
         text = tok.apply_chat_template(generator_messages("code", record.question), tokenize=False,
                                        add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False)["input_ids"]
-        t0 = time.perf_counter()
         texts, _ = guided_generate(model, ids, guide, n=m, temperature=temperature, top_p=0.95,
                                    max_new_tokens=1024, seed=seed + q)
-        guided_s = time.perf_counter() - t0
-        tokens = [len(guide.encode(t)) for t in texts]
-        length = round(sum(tokens) / len(tokens))
-        totals["guided"][0] += sum(tokens)
-        totals["guided"][1] += guided_s
-        t0 = time.perf_counter()
-        guided_generate(model, ids, guide, n=m, temperature=temperature, top_p=0.95, max_new_tokens=1024,
-                        seed=seed + q, max_run=1)
-        totals["guided, one token per pass"][0] += sum(tokens)
-        totals["guided, one token per pass"][1] += time.perf_counter() - t0
+        tokens = sum(len(guide.encode(t)) for t in texts)
+        length = round(tokens / m)
         enc = tok([text] * m, return_tensors="pt", add_special_tokens=False)
-        torch.manual_seed(seed + q)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=length, min_new_tokens=length, do_sample=True,
-                                 temperature=temperature, top_p=0.95, top_k=None, pad_token_id=tok.pad_token_id)
-        totals["peer"][1] += time.perf_counter() - t0
-        totals["peer"][0] += (out.shape[1] - enc["input_ids"].shape[1]) * m
+
+        names = list(totals)
+        for name in names[q % 3:] + names[:q % 3]:  # rotate the order: no side always runs first
+            t0 = time.perf_counter()
+            if name == "peer":
+                torch.manual_seed(seed + q)
+                with torch.inference_mode():
+                    out = model.generate(**enc, max_new_tokens=length, min_new_tokens=length, do_sample=True,
+                                         temperature=temperature, top_p=0.95, top_k=None,
+                                         pad_token_id=tok.pad_token_id)
+                produced = (out.shape[1] - enc["input_ids"].shape[1]) * m
+            else:
+                guided_generate(model, ids, guide, n=m, temperature=temperature, top_p=0.95, max_new_tokens=1024,
+                                seed=seed + q, max_run=64 if name == "guided" else 1)
+                produced = tokens
+            totals[name][1] += time.perf_counter() - t0
+            totals[name][0] += produced
         print(f"  query {q + 1}/{len(records)}: prompt {len(ids)} tokens, {m} rows of ~{length} tokens", flush=True)
     peer = totals["peer"][0] / totals["peer"][1]
     print(f"\nGenerator, {len(records)} HumanEval queries x m={m} (SmolLM2-135M fp32, CPU):")
@@ -117,7 +123,7 @@ def main() -> None:
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--from-run", help="read a finished run directory instead of running the loop")
     parser.add_argument("--skip-loop", action="store_true", help="only the generator comparison")
-    parser.add_argument("--queries", type=int, default=3, help="queries for the generator comparison")
+    parser.add_argument("--queries", type=int, default=6, help="queries for the generator comparison")
     parser.add_argument("--m", type=int, default=8)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
