@@ -29,15 +29,15 @@ def correct_code_by_entry_point(limit: int) -> dict[str, str]:
     return {r.entry_point: r.answer for r in records}
 
 
-def make_responder(solutions: dict[str, str]):
-    """The executor: right code when asked to think step by step, a wrong function otherwise."""
+def make_responder(solutions: dict[str, str], *, right_when: str = "step by step"):
+    """The executor: right code when the prompt contains ``right_when``, a wrong function otherwise."""
 
     def respond(messages: list[dict]) -> str:
         text = messages[-1]["content"]
         entry = next((ep for ep in solutions if f"def {ep}(" in text), None)
         if entry is None:
             return "I don't know."
-        if "step by step" in text:
+        if right_when in text:
             return f"```python\n{solutions[entry]}\n```"
         return f"```python\ndef {entry}(*args, **kwargs):\n    return None\n```"
 
@@ -145,17 +145,8 @@ def test_iterate_survives_kill_9_anywhere(tmp_path, workflow_writer):
 def test_a_guided_iteration_end_to_end(tmp_path, tiny_model):
     """The quickstart's path in small: an untrained model samples guided (every workflow valid), the executor
     scores the plan-then-code workflows higher, and the loop builds groups, trains and evaluates."""
-    solutions = correct_code_by_entry_point(3)
-
-    def respond(messages: list[dict]) -> str:  # right code when the problem came with a plan, else wrong code
-        text = messages[-1]["content"]
-        entry = next((ep for ep in solutions if f"def {ep}(" in text), None)
-        if entry is None:
-            return "A plan."
-        if "Plan:" in text:
-            return f"```python\n{solutions[entry]}\n```"
-        return f"```python\ndef {entry}(*args, **kwargs):\n    return None\n```"
-
+    # right code when the problem came with a plan (the plan-then-code option), wrong code otherwise
+    respond = make_responder(correct_code_by_entry_point(3), right_when="Plan:")
     with OpenAIStub(StubConfig(responder=respond)) as stub:
         config = yaml.safe_load(write_config(tmp_path, tiny_model, stub.base_url, iterations=1).read_text())
         config["sampling"].update(prompt_file=None, guided=True, max_new_tokens=600)
