@@ -149,3 +149,37 @@ def test_chunked_head_equals_log_softmax_in_value_and_gradient(rows, chunk):
     logits = (h @ w.T) / 0.7
     expected = torch.log_softmax(logits, -1).gather(-1, t[:, None]).squeeze(-1)
     assert torch.allclose(_ChunkedTokenLogps.apply(h, w, t, chunk, 0.7, torch.float64), expected)
+
+
+def test_right_padding_needs_no_attention_mask_and_other_masks_are_kept(tiny_model):
+    """token_logps drops the mask of a right-padded batch (the fused causal kernel): the scored values must be
+    exactly those computed with the mask. A mask with a hole is not right padding and must be applied."""
+    import torch
+
+    from spogw.models import load_causal_lm
+    from spogw.module import _right_padded, token_logps
+
+    model = load_causal_lm(tiny_model).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, 1000, (3, 40), generator=gen)
+    completion = torch.zeros(3, 40, dtype=torch.long)
+    completion[:, 20:] = 1
+
+    def with_mask(mask):
+        lm = model.get_decoder()
+        hidden = lm(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1]).float()
+        out = torch.zeros(ids.shape)
+        out[:, 1:] = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * (completion * mask)[:, 1:]
+        return out
+
+    right = torch.ones(3, 40, dtype=torch.long)
+    right[1, 30:] = 0
+    right[2, 35:] = 0
+    holed = right.clone()
+    holed[2, 5:8] = 0
+    assert _right_padded(right) and not _right_padded(holed) and not _right_padded(right.flip(1))
+    with torch.no_grad():
+        for mask in (right, holed):
+            assert torch.allclose(token_logps(model, ids, mask, completion * mask), with_mask(mask), atol=1e-5)
+        assert not torch.allclose(with_mask(holed)[2], with_mask(right)[2], atol=1e-3)  # the hole matters
