@@ -35,6 +35,7 @@ from typing import Any
 
 from spogw.evaluate import ExecutorOptions
 from spogw.sampling import SamplingOptions
+from spogw.scoring import check_complete
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +242,7 @@ def iterate(
             finally:
                 bar.close()
             score_stats["seconds"] = round(time.perf_counter() - start, 1)
-            if score_stats["retry"]:
-                raise RuntimeError(f"{score_stats['retry']} workflows of iteration {k} could not be scored because "
-                                   "the executor or the sandbox failed (see scored.jsonl, field `score_reason`); "
-                                   "fix the cause and rerun the same command: only those are redone")
+            check_complete(score_stats, it / "scored.jsonl", executor)
             _write_json(stats_path, score_stats)
             _log_stage("score", score_stats, it / "scored.jsonl", root, k)
 

@@ -47,6 +47,27 @@ def finished(scored_path: Path) -> dict[tuple[str, int], dict]:
     return {k: v for k, v in latest.items() if not v.get("retry")}
 
 
+class ScoringIncomplete(ValueError):
+    """Workflows the executor or the sandbox could not score (an infrastructure failure, not a verdict).
+
+    A ValueError, so that `spogw` reports it as an error message (exit 2), not a traceback."""
+
+
+def check_complete(stats: dict[str, Any], out_path: str | Path, executor=None) -> None:
+    """Raise :class:`ScoringIncomplete` when samples still need a retry, naming the causes and what to do."""
+    if not stats.get("retry"):
+        return
+    where = ""
+    if executor is not None and getattr(executor, "kind", None) == "openai":
+        where = (f" Is the executor at {executor.base_url or 'api.openai.com'} reachable, and is "
+                 f"${executor.api_key_env} set?")
+    raise ScoringIncomplete(
+        f"{stats['retry']} of {stats['samples']} workflows could not be scored because the executor or the sandbox "
+        f"failed; most common causes: {stats.get('retry_reasons') or '(see the field score_reason)'}.{where} "
+        f"Nothing finished is lost: {out_path} keeps every scored workflow. Fix the cause and rerun the same "
+        "command: only those workflows are redone.")
+
+
 def summarize(lines: Sequence[dict]) -> dict[str, Any]:
     """Score-stage statistics: failures by status, the score distribution, executor usage."""
     from collections import Counter
@@ -59,6 +80,8 @@ def summarize(lines: Sequence[dict]) -> dict[str, Any]:
         "failed": sum(line["score"] is None for line in lines),
         "invalid": sum(not line.get("valid", True) for line in lines),
         "retry": sum(bool(line.get("retry")) for line in lines),
+        "retry_reasons": dict(Counter((line.get("score_reason") or "")[:160] for line in lines
+                                      if line.get("retry")).most_common(3)),
         "run_statuses": dict(statuses),
         "score_mean": sum(scores) / len(scores) if scores else None,
         "score_histogram": dict(sorted(Counter(round(s, 2) for s in scores).items())),
@@ -210,4 +233,5 @@ def score_stage(
                   partial=partial_credit, concurrency=executor.concurrency, temperature=executor.temperature,
                   max_tokens=executor.max_tokens)
     print(json.dumps(stats, indent=2))
+    check_complete(stats, out, executor)
     return stats

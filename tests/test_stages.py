@@ -35,3 +35,28 @@ def test_a_generator_without_valid_workflows_is_a_clear_error_and_nothing_is_los
     out = read_jsonl_tolerant(scored)
     assert [(s["query_id"], s["sample"]) for s in out] == [(s["query_id"], s["sample"]) for s in lines]
     assert all(s["score"] is None and s["score_reason"].startswith("invalid workflow: ") for s in out)
+
+
+def test_an_unreachable_executor_is_a_clear_error_and_a_rerun_redoes_only_those(tmp_path, tiny_model, capsys,
+                                                                               monkeypatch):
+    """Guided samples of a tiny model are valid workflows; with no executor listening they cannot be scored: exit 2
+    with the endpoint named, every line kept and marked for retry, and a rerun retries exactly those."""
+    samples = tmp_path / "samples.jsonl"
+    cli_main(["sample", "--benchmark", "humaneval", "--out", str(samples), "--generator", tiny_model,
+              "--data_dir", str(AFLOW), "--limit", "1", "--sampling.m", "2", "--sampling.guided", "true",
+              "--sampling.max_new_tokens", "600"])
+    assert all(s["valid"] for s in read_jsonl_tolerant(samples))
+    capsys.readouterr()
+    monkeypatch.setenv("UNUSED_KEY", "x")
+    scored = tmp_path / "scored.jsonl"
+    args = ["score", "--benchmark", "humaneval", "--samples", str(samples), "--out", str(scored),
+            "--data_dir", str(AFLOW), "--executor.kind", "openai", "--executor.base_url", "http://127.0.0.1:9/v1",
+            "--executor.api_key_env", "UNUSED_KEY", "--runs", "1"]
+    for attempt in (1, 2):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "2 of 2 workflows could not be scored" in err and "127.0.0.1:9" in err and "Traceback" not in err
+        lines = read_jsonl_tolerant(scored)
+        assert len(lines) == 2 * attempt and all(line["retry"] and line["score"] is None for line in lines)
