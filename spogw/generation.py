@@ -57,6 +57,14 @@ class GenerationStats:
     batches: int = 0
     batch_sizes: list[int] = field(default_factory=list)
 
+    def record(self, *, prompt_tokens: int, generated_tokens: int, seconds: float, rows: int) -> None:
+        """Add one batch."""
+        self.prompt_tokens += prompt_tokens
+        self.generated_tokens += generated_tokens
+        self.seconds += seconds
+        self.batches += 1
+        self.batch_sizes.append(rows)
+
 
 def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
     if n < 1:
@@ -159,11 +167,8 @@ class TransformersGenerator:
                                                      max_new_tokens=max_new_tokens,
                                                      seed=seed * 1_000_003 + c * n + start)
                     texts += chunk
-                    self.stats.prompt_tokens += len(ids["input_ids"])
-                    self.stats.generated_tokens += decoded
-                    self.stats.seconds += time.perf_counter() - t0
-                    self.stats.batches += 1
-                    self.stats.batch_sizes.append(rows)
+                    self.stats.record(prompt_tokens=len(ids["input_ids"]), generated_tokens=decoded,
+                                      seconds=time.perf_counter() - t0, rows=rows)
                     if on_batch is not None:
                         on_batch(c * n + start + rows, len(prompts) * n)
                 out.append(texts)
@@ -186,17 +191,15 @@ class TransformersGenerator:
         with torch.inference_mode():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **sampling)
         width = enc["input_ids"].shape[1]
-        results = []
+        results, generated = [], 0
         for row in out:
             new = row[width:]
             stop = (new == tok.eos_token_id).nonzero()
             new = new[: int(stop[0]) if len(stop) else len(new)]
-            self.stats.generated_tokens += len(new)
+            generated += len(new)
             results.append(tok.decode(new, skip_special_tokens=True))
-        self.stats.prompt_tokens += int(enc["attention_mask"].sum())
-        self.stats.seconds += time.perf_counter() - start
-        self.stats.batches += 1
-        self.stats.batch_sizes.append(len(conversations))
+        self.stats.record(prompt_tokens=int(enc["attention_mask"].sum()), generated_tokens=generated,
+                          seconds=time.perf_counter() - start, rows=len(conversations))
         return results
 
 

@@ -194,17 +194,16 @@ class VLLMGenerator:
                       for i in range(len(prompts))]
             outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, lora_request=self.lora_request(),
                                    use_tqdm=False)
-            texts = []
+            texts, generated = [], 0
             for request in outputs:
                 completions = sorted(request.outputs, key=lambda c: c.index)
                 if len(completions) != n:
                     raise RuntimeError(f"vLLM returned {len(completions)} completions for a prompt, expected {n}")
                 texts.append([c.text for c in completions])
-                self.stats.generated_tokens += sum(len(c.token_ids) for c in completions)
-            self.stats.prompt_tokens += sum(len(p) for p in ids)  # vLLM shares one prompt among its n samples
-            self.stats.seconds += time.perf_counter() - start
-            self.stats.batches += 1
-            self.stats.batch_sizes.append(len(prompts) * n)
+                generated += sum(len(c.token_ids) for c in completions)
+            # vLLM shares one prompt among its n samples
+            self.stats.record(prompt_tokens=sum(len(p) for p in ids), generated_tokens=generated,
+                              seconds=time.perf_counter() - start, rows=len(prompts) * n)
         if on_batch is not None:
             on_batch(len(prompts) * n, len(prompts) * n)
         return texts
