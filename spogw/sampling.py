@@ -205,7 +205,7 @@ def sample(records: Sequence, out_path: str | Path, *, generator, options: Sampl
         "queries": len(records), "samples": len(final), "valid": valid,
         "valid_rate": valid / len(final) if final else 0.0,
         "resampled": sum(line["attempts"] > 1 for line in final),
-        "invalid_reasons": _top_reasons(line["invalid_reason"] for line in final if not line["valid"]),
+        "invalid_reasons": top_reasons(line["invalid_reason"] for line in final if not line["valid"]),
         "generator": getattr(generator, "identity", str(generator)), "options": asdict(options),
     }
     if final and valid == 0:
@@ -217,10 +217,11 @@ def sample(records: Sequence, out_path: str | Path, *, generator, options: Sampl
     return stats
 
 
-def _top_reasons(reasons, k: int = 5) -> dict[str, int]:
+def top_reasons(reasons, k: int = 5, width: int = 120) -> dict[str, int]:
+    """The ``k`` most common reasons (each cut to ``width`` characters) with their counts."""
     from collections import Counter
 
-    return dict(Counter((r or "")[:120] for r in reasons).most_common(k))
+    return dict(Counter((r or "")[:width] for r in reasons).most_common(k))
 
 
 def generator_options(sampling: SamplingOptions) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from spogw.evaluate import ExecutorOptions
 from spogw.runtime.runner import INFRA_STATUSES
-from spogw.sampling import append_jsonl, read_jsonl_tolerant
+from spogw.sampling import append_jsonl, read_jsonl_tolerant, top_reasons
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ def summarize(lines: Sequence[dict]) -> dict[str, Any]:
         "failed": sum(line["score"] is None for line in lines),
         "invalid": sum(not line.get("valid", True) for line in lines),
         "retry": sum(bool(line.get("retry")) for line in lines),
-        "retry_reasons": dict(Counter((line.get("score_reason") or "")[:160] for line in lines
-                                      if line.get("retry")).most_common(3)),
+        "retry_reasons": top_reasons((line.get("score_reason") for line in lines if line.get("retry")), k=3,
+                                     width=160),
         "run_statuses": dict(statuses),
         "score_mean": sum(scores) / len(scores) if scores else None,
         "score_histogram": dict(sorted(Counter(round(s, 2) for s in scores).items())),
