@@ -249,6 +249,7 @@ class GuidedRow:
         self.text: list[str] = [self.guide.prefix]
         self.forced: deque[int] = deque()
         self.done = False
+        self.ends_after_forced = False  # the forced tokens are the workflow's last text
         self.choices: list[int] = []
         self._node: dict | None = None  # inside a choice: the trie node reached
         self._slot: tuple[int, str] | None = None  # inside an instruction: (tokens so far, literal after it)
@@ -261,7 +262,7 @@ class GuidedRow:
         position = len(self.choices)
         if position > self.guide.max_then:
             self._literal(_body(self.guide.end) + CLOSE)
-            self.done_after_forced = True
+            self.ends_after_forced = True
             return
         self._node = self.tg.trie(position)
 
@@ -280,16 +281,13 @@ class GuidedRow:
             self._slot = (0, self._rest.popleft())
         elif is_end:
             self._literal(CLOSE)
-            self.done_after_forced = True
+            self.ends_after_forced = True
         else:
             self._start_step()
 
     def _literal(self, text: str) -> None:
         self.text.append(text)
         self.forced.extend(self.tg.encode(text))
-
-    done_after_forced = False
-    truncated = False
 
     # the decoder's interface -------------------------------------------------------------------
     def allowed(self):
@@ -315,11 +313,9 @@ class GuidedRow:
         if self.done:
             return
         if self.forced:
-            expected = self.forced.popleft()
-            if token != expected:
+            expected = self.take_forced(1)
+            if [token] != expected:
                 raise RuntimeError(f"guided decoding: expected forced token {expected}, got {token}")
-            if not self.forced and self.done_after_forced:
-                self.done = True
             return
         if self._node is not None:
             self._node = self._node[token]
@@ -340,6 +336,13 @@ class GuidedRow:
         self._slot = (count + 1, literal)
         self._chars += len(piece)
 
+    def take_forced(self, limit: int) -> list[int]:
+        """Up to ``limit`` of the forced tokens, consumed; the row is done once the last of its text is taken."""
+        taken = [self.forced.popleft() for _ in range(min(limit, len(self.forced)))]
+        if self.ends_after_forced and not self.forced:
+            self.done = True
+        return taken
+
     def result(self) -> str:
         return "".join(self.text)
 
@@ -356,6 +359,8 @@ def guided_generate(model, prompt_ids, guide: TokenGuide, *, n: int, temperature
     ``max_new_tokens`` tokens stops where it is (its text then fails validation and is re-sampled or
     recorded as invalid).
     """
+    import inspect
+
     import torch
 
     rows = [guide.row() for _ in range(n)]
@@ -365,8 +370,6 @@ def guided_generate(model, prompt_ids, guide: TokenGuide, *, n: int, temperature
     rng = torch.Generator(device="cpu").manual_seed(seed)
     used = [len(header)] * n  # completion tokens per row
     position = torch.full((n,), len(prefix), dtype=torch.long)
-    import inspect
-
     # transformers renamed the cache argument (past_key_values -> cache); speak whichever this version reads
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.inference_mode():
@@ -383,14 +386,11 @@ def guided_generate(model, prompt_ids, guide: TokenGuide, *, n: int, temperature
                     feeds.append([])
                     continue
                 row.advance(token)
-                feed = [token]
-                while row.forced and len(feed) < max_run:
-                    feed.append(row.forced.popleft())
-                if row.done_after_forced and not row.forced:
-                    row.done = True  # the rest is fixed text: nothing after it depends on feeding it
-                    feed = []
+                feed = [token, *row.take_forced(max_run - 1)]
+                if row.done:
+                    feed = []  # the rest was fixed text: nothing after it depends on feeding it
                 elif used[i] + len(feed) > max_new_tokens:
-                    row.done, row.truncated = True, True
+                    row.done = True
                     feed = []
                 used[i] += len(feed)
                 feeds.append(feed)
