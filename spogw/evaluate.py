@@ -261,7 +261,7 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
                 texts = gen.generate([generator_messages(r.family, r.question) for r in chunk], n=1,
                                      temperature=options.temperature, top_p=options.top_p,
                                      max_new_tokens=options.max_new_tokens, seed=seed + start,
-                                     **_guide(chunk, options))
+                                     guide=chunk[0].family if options.guided else None)
                 seconds = (time.perf_counter() - t0) / len(chunk)
                 for rec, (text,) in zip(chunk, texts, strict=True):
                     have[(rec.benchmark, rec.id)] = text
@@ -275,28 +275,19 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
 
 def _chunks(todo: list, size: int, *, by_family: bool) -> list[tuple[int, list]]:
     """``(position of the first record, records)`` batches of ``todo``; with ``by_family``, one family per batch."""
-    out, start = [], 0
     groups = [todo]
     if by_family:
         families: dict[str, list] = {}
         for rec in todo:
             families.setdefault(rec.family, []).append(rec)
         groups = list(families.values())
+    out, start = [], 0
     for group in groups:
         for i in range(0, len(group), size):
-            out.append((start, group[i:i + size]))
-            start += len(group[i:i + size])
+            chunk = group[i:i + size]
+            out.append((start, chunk))
+            start += len(chunk)
     return out
-
-
-def _guide(chunk, options: GenerationOptions) -> dict:
-    """``guide=<family>`` for a guided generation of one family's records."""
-    if not options.guided:
-        return {}
-    families = {r.family for r in chunk}
-    if len(families) != 1:
-        raise ValueError(f"guided generation takes one workflow family per call, got {sorted(families)}")
-    return {"guide": families.pop()}
 
 
 # -- running and scoring ----------------------------------------------------------------------------
