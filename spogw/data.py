@@ -16,6 +16,7 @@ EOS``, right-padded; ``completion_mask`` marks the completion tokens.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -221,23 +222,24 @@ class GroupDataset(Dataset):
 
 def collate_groups(groups: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Flatten whole groups into one right-padded batch of responses."""
-    seqs = [(g["group_id"], j, ids, p) for g in groups for j, (ids, p) in enumerate(g["responses"])]
-    length = max(len(ids) for _, _, ids, _ in seqs)
+    seqs = [(g["group_id"], j, r) for g in groups for j, r in enumerate(g["responses"])]
+    length = max(len(r[0]) for _, _, r in seqs)
     input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), length), dtype=torch.long)
     completion = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, (_, _, ids, p) in enumerate(seqs):
+    for row, (_, _, (ids, p, *trained)) in enumerate(seqs):
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[row, : len(ids)] = 1
-        completion[row, p: len(ids)] = 1
+        mask = trained[0] if trained else None  # the completion tokens the loss sees (None: all of them)
+        completion[row, p: len(ids)] = 1 if mask is None else torch.tensor(mask, dtype=torch.long)
     return {
         "input_ids": input_ids,
         "attention_mask": attention,
         "completion_mask": completion,
         "advantages": torch.tensor([a for g in groups for a in g["advantages"]], dtype=torch.float32),
         "scores": torch.tensor([s for g in groups for s in g["scores"]], dtype=torch.float32),
-        "group_id": torch.tensor([gid for gid, _, _, _ in seqs], dtype=torch.long),
-        "member": torch.tensor([j for _, j, _, _ in seqs], dtype=torch.long),
+        "group_id": torch.tensor([gid for gid, _, _ in seqs], dtype=torch.long),
+        "member": torch.tensor([j for _, j, _ in seqs], dtype=torch.long),
     }
 
 
@@ -255,6 +257,10 @@ class GroupDataModule(L.LightningDataModule):
         shuffle: shuffle groups every epoch (seeded by ``seed_everything``).
         num_workers: DataLoader workers.
         on_bad_record: ``error`` stops at the first bad line of the scored file; ``skip`` leaves it out and reports it.
+        train_on: which completion tokens enter the loss: ``decisions`` (default) takes, for guided samples, only
+            the tokens of the generator's own choices (which operator step, each instruction's text;
+            ``spogw.workflows.guide.Guide.decisions``) and the whole completion of free samples; ``completion``
+            takes every completion token of every sample.
     """
 
     def __init__(
@@ -269,8 +275,11 @@ class GroupDataModule(L.LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         on_bad_record: Literal["error", "skip"] = "error",
+        train_on: Literal["decisions", "completion"] = "decisions",
     ):
         super().__init__()
+        if train_on not in ("decisions", "completion"):
+            raise ValueError(f"`--data.train_on` must be decisions or completion, got {train_on!r}")
         if groups_per_batch < 1:
             raise ValueError(f"`--data.groups_per_batch` must be >= 1, got {groups_per_batch}")
         if max_prompt_tokens < 1 or max_completion_tokens < 1:
@@ -287,6 +296,7 @@ class GroupDataModule(L.LightningDataModule):
         self.shuffle = shuffle
         self.num_workers = num_workers
         self.on_bad_record = on_bad_record
+        self.train_on = train_on
         self.train_set: GroupDataset | None = None
         self.stats: dict = {}
         self.pad_token_id = 0
@@ -337,24 +347,50 @@ class GroupDataModule(L.LightningDataModule):
         rows = load_from_disk(str(out / "dataset"))
         tok = load_tokenizer(self.tokenizer_name)
         self.pad_token_id = tok.pad_token_id
-        groups, truncated_p, truncated_c = [], 0, 0
+        groups, truncated_p, truncated_c, on_decisions, as_sampled = [], 0, 0, 0, 0
         for row in rows:
             responses = []
-            for prompt_json, completion in zip(row["prompts"], row["completions"], strict=True):
+            for prompt_json, completion, meta_json in zip(row["prompts"], row["completions"], row["meta"],
+                                                          strict=True):
+                meta = json.loads(meta_json)
                 p_ids, c_ids = tokenize_response(tok, json.loads(prompt_json), completion)
+                pieces = sampled_pieces(tok, completion, meta.get("completion_ids"))
+                if pieces is not None:  # train on the tokens the generator sampled, not on a re-tokenisation
+                    c_ids, as_sampled = [*meta["completion_ids"], tok.eos_token_id], as_sampled + 1
+                mask = self._decision_mask(tok, completion, meta, pieces)
+                on_decisions += mask is not None
                 if len(p_ids) > self.max_prompt_tokens:
                     p_ids, truncated_p = p_ids[-self.max_prompt_tokens:], truncated_p + 1
                 if len(c_ids) > self.max_completion_tokens:
                     c_ids, truncated_c = c_ids[: self.max_completion_tokens], truncated_c + 1
-                responses.append((p_ids + c_ids, len(p_ids)))
+                responses.append((p_ids + c_ids, len(p_ids), None if mask is None else mask[: len(c_ids)]))
             groups.append({"group_id": row["group_id"], "responses": responses, "advantages": row["advantages"],
                            "scores": row["scores"]})
-        self.stats.update(truncated_prompts=truncated_p, truncated_completions=truncated_c)
+        self.stats.update(truncated_prompts=truncated_p, truncated_completions=truncated_c,
+                          trained_on_decisions=on_decisions, trained_as_sampled=as_sampled)
         if truncated_p or truncated_c:
             log.warning("truncated %d prompts (> --data.max_prompt_tokens=%d) and %d completions "
                         "(> --data.max_completion_tokens=%d)", truncated_p, self.max_prompt_tokens, truncated_c,
                         self.max_completion_tokens)
         self.train_set = GroupDataset(groups)
+
+    def _decision_mask(self, tok, completion: str, meta: dict, pieces: list[str] | None) -> list[int] | None:
+        """1 for the completion tokens of a guided sample's decisions (0 for the forced text and the EOS); None
+        when the whole completion is trained on (free samples, ``--data.train_on completion``). ``pieces``: the
+        text of each sampled token, when the sample is trained as sampled."""
+        if self.train_on != "decisions" or not meta.get("guided") or not meta.get("family"):
+            return None
+        from spogw.workflows.guide import load_guide
+
+        spans = load_guide(meta["family"]).decisions(completion)
+        if not spans:
+            return None
+        if pieces is None:
+            offsets = tok(completion, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        else:
+            ends = list(itertools.accumulate(len(piece) for piece in pieces))
+            offsets = list(zip([0, *ends[:-1]], ends, strict=True))
+        return [int(any(a < e and b > s for s, e in spans)) for a, b in offsets] + [0]
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
@@ -371,6 +407,15 @@ class GroupDataModule(L.LightningDataModule):
 
     def _collate(self, groups: list[dict]) -> dict[str, torch.Tensor]:
         return collate_groups(groups, self.pad_token_id)
+
+
+def sampled_pieces(tokenizer, completion: str, ids: list[int] | None) -> list[str] | None:
+    """The text of each sampled token, when the recorded ids spell exactly ``completion`` under ``tokenizer``
+    (None when there are no ids, or they belong to another tokenizer, or the text was edited)."""
+    if not ids or not all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in ids):
+        return None
+    pieces = [tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+    return pieces if "".join(pieces) == completion else None
 
 
 def tokenize_response(tokenizer, messages: list[dict], completion: str) -> tuple[list[int], list[int]]:

@@ -178,6 +178,8 @@ class TransformersGenerator:
                         max_new_tokens: int, seed: int) -> list[str]:
         import torch
 
+        from spogw.completions import Completion
+
         tok, model = self._tokenizer, self._model
         start = time.perf_counter()
         text = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
@@ -197,7 +199,7 @@ class TransformersGenerator:
             stop = (new == tok.eos_token_id).nonzero()
             new = new[: int(stop[0]) if len(stop) else len(new)]
             generated += len(new)
-            results.append(tok.decode(new, skip_special_tokens=True))
+            results.append(Completion(tok.decode(new, skip_special_tokens=True), new.tolist()))
         self.stats.record(prompt_tokens=int(enc["attention_mask"].sum()), generated_tokens=generated,
                           seconds=time.perf_counter() - start, rows=len(conversations))
         return results

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from spogw.completions import token_ids_of
+
 log = logging.getLogger(__name__)
 
 
@@ -167,6 +169,7 @@ def sample_query(generator, record, options: SamplingOptions, *, seed: int, iter
         "query_id": record.id, "benchmark": record.benchmark, "family": record.family, "iteration": iteration,
         "sample": i, "prompt": messages, "completion": text, "valid": reason is None, "invalid_reason": reason,
         "attempts": attempts[i], "generator": generator.identity, "guided": options.guided,
+        **({"completion_ids": ids} if (ids := token_ids_of(text)) is not None else {}),
     } for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
 
 

@@ -85,9 +85,11 @@ def saved_adapter(tiny_model, path: Path, *, dropout: float = 0.0) -> str:
     return str(path)
 
 
-def test_steps_on_a_fixed_group_raise_the_best_member_and_lower_the_worst(tiny_model, batches):
+@pytest.mark.parametrize("iteration", [1, 2])
+def test_steps_on_a_fixed_group_raise_the_best_member_and_lower_the_worst(tmp_path, tiny_model, batches, iteration):
     batch = batches[0]
-    module = make(tiny_model, lr=1e-3)
+    previous = saved_adapter(tiny_model, tmp_path / "prev") if iteration == 2 else None
+    module = make(tiny_model, reference_adapter=previous, lr=1e-3)
     scores = batch["scores"].tolist()
     best, worst = scores.index(max(scores)), scores.index(min(scores))
     assert batch["advantages"][best] > 0 > batch["advantages"][worst]
@@ -176,3 +178,72 @@ def test_the_ratio_starts_at_exactly_one_at_iteration_two_with_lora_dropout(tmp_
     assert torch.all(ratio == 1.0), f"step-0 ratios {ratio.min().item():.4f}..{ratio.max().item():.4f}"
     # ratio 1 and KL 0: the loss is minus the mean advantage
     assert loss.item() == pytest.approx(-batch["advantages"].mean().item(), abs=1e-6)
+
+
+def test_guided_samples_train_on_their_decisions_only(tmp_path, tiny_model):
+    """The loss sees the tokens the generator chose (the step, the instruction text), not the forced frame."""
+    from spogw.models import load_tokenizer
+    from spogw.workflows.guide import load_guide
+
+    guide = load_guide("code")
+    paths = guide.paths()
+    with (tmp_path / "scored.jsonl").open("w") as f:
+        for i, score in enumerate(SCORES):
+            text = guide.render(paths[i * 5], [f"Solve it carefully {i}."] * 4)
+            f.write(json.dumps({"query_id": "q", "sample": i, "score": score, "completion": text, "guided": True,
+                                "family": "code", "prompt": [{"role": "user", "content": "Write a workflow."}]})
+                    + "\n")
+    masks = {}
+    for train_on in ("decisions", "completion"):
+        dm = GroupDataModule(str(tmp_path / "scored.jsonl"), tokenizer=tiny_model, run_dir=str(tmp_path),
+                             curation=Curation(n=4, t=2, top_n=1), shuffle=False, train_on=train_on)
+        dm.setup()
+        masks[train_on] = next(iter(dm.train_dataloader()))
+    tok = load_tokenizer(tiny_model)
+    batch = masks["decisions"]
+    for row in range(4):
+        picked = tok.decode(batch["input_ids"][row][batch["completion_mask"][row].bool()])
+        assert "carefully" in picked and "class" not in picked and "operator" not in picked, picked
+        assert any(word in picked for word in (" solution", " plan", " candidates")), picked
+        assert 0 < batch["completion_mask"][row].sum() < masks["completion"]["completion_mask"][row].sum() / 5
+    assert torch.equal(batch["input_ids"], masks["completion"]["input_ids"])
+    assert dm.stats["trained_on_decisions"] == 0  # the last module trained on whole completions
+
+
+def test_samples_are_trained_on_the_tokens_they_were_sampled_as(tmp_path, tiny_model):
+    """The guided decoder feeds the grammar segment by segment, so its tokens differ from a re-tokenisation of
+    the finished text; the sample stage records them and the fit trains on exactly those."""
+    from spogw.models import load_causal_lm, load_tokenizer
+    from spogw.workflows.guide import TokenGuide, guided_generate, load_guide
+
+    tok = load_tokenizer(tiny_model)
+    guide = TokenGuide(load_guide("code"), tok)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Write a workflow."}], add_generation_prompt=True,
+                                     tokenize=False)
+    texts, _ = guided_generate(load_causal_lm(tiny_model).eval(), tok(prompt, add_special_tokens=False)["input_ids"],
+                               guide, n=4, temperature=1.0, top_p=1.0, max_new_tokens=600, seed=3)
+    for text in texts:
+        assert text.token_ids and "".join(guide.strings[i] for i in text.token_ids) == text
+        assert list(text.token_ids) != tok(str(text), add_special_tokens=False)["input_ids"]  # they do differ
+    with (tmp_path / "scored.jsonl").open("w") as f:
+        for i, (text, score) in enumerate(zip(texts, SCORES, strict=True)):
+            ids = list(text.token_ids) if i else [*text.token_ids[:-1], 0]  # sample 0: ids of another text
+            f.write(json.dumps({"query_id": "q", "sample": i, "score": score, "completion": text, "guided": True,
+                                "family": "code", "completion_ids": ids,
+                                "prompt": [{"role": "user", "content": "Write a workflow."}]}) + "\n")
+    dm = GroupDataModule(str(tmp_path / "scored.jsonl"), tokenizer=tiny_model, run_dir=str(tmp_path),
+                         curation=Curation(n=4, t=2, top_n=1), shuffle=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.stats["trained_as_sampled"] == 3 and dm.stats["trained_on_decisions"] == 4
+    from spogw.data import tokenize_response
+
+    prompt_len = len(tokenize_response(tok, [{"role": "user", "content": "Write a workflow."}], "")[0])
+    for row in range(4):
+        i = SCORES.index(batch["scores"][row].item())
+        length = int(batch["attention_mask"][row].sum())
+        got = batch["input_ids"][row, prompt_len:length - 1].tolist()  # the completion, without its EOS
+        expected = list(texts[i].token_ids) if i else tok(str(texts[i]), add_special_tokens=False)["input_ids"]
+        assert got == expected, f"sample {i}"
+        picked = tok.decode(batch["input_ids"][row][batch["completion_mask"][row].bool()])
+        assert picked and "class" not in picked and "operator" not in picked and "await" not in picked, picked

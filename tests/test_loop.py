@@ -191,3 +191,63 @@ def test_bad_fit_settings_fail_before_sampling(tmp_path):
                 fit_config=str(REPO / "configs" / "fit" / "quickstart.yaml"), fit_args=["--model.beta", "-1"],
                 data_dir=str(AFLOW), train_limit=1)
     assert not (tmp_path / "run" / "iter-1").exists()
+
+
+PLAN_FIRST = "plan = (await self.custom("
+"""How a plan-first workflow begins its body (the code family's second `first` option)."""
+
+
+def share_planned(texts: list[str]) -> float:
+    return sum(PLAN_FIRST in t for t in texts) / len(texts)
+
+
+def sample_share(model: str, adapter: str | None, prompts: list[list[dict]], n: int) -> float:
+    """The plan-first share of ``n`` guided workflows per prompt from base model + adapter, same seed for all."""
+    from spogw.generation import TransformersGenerator
+
+    texts = TransformersGenerator(model, adapter, batch_size=8).generate(
+        prompts, n=n, temperature=1.0, top_p=1.0, max_new_tokens=600, seed=123, guide="code")
+    return share_planned([t for row in texts for t in row])
+
+
+def test_the_generator_learns_a_planted_preference(tmp_path, tiny_model):
+    """End to end, the sign, the mask, the reference and the adapter chain are right: the executor rewards
+    plan-first workflows only, and after two ioGRPO iterations the generator writes them much more often.
+
+    The margin is five standard deviations of the difference of two shares under chance (no learning), so a
+    seeded run clears it and an unchanged, or wrongly trained, generator does not."""
+    respond = make_responder(correct_code_by_entry_point(6), right_when="Plan:")
+    prompt = tmp_path / "short_prompt.txt"
+    prompt.write_text("Write a workflow that solves this problem:\n{question}")
+    with OpenAIStub(StubConfig(responder=respond)) as stub:
+        config = yaml.safe_load(write_config(tmp_path, tiny_model, stub.base_url, iterations=2).read_text())
+        config["sampling"].update(prompt_file=str(prompt), guided=True, m=8, max_new_tokens=600, batch_size=8)
+        config["train_limit"] = 6
+        config["evaluation"]["enabled"] = False
+        flags = dict(zip(config["fit_args"][::2], config["fit_args"][1::2], strict=True))
+        flags.update({"--data.curation.n": "4", "--data.curation.t": "2", "--data.curation.top_n": "4",
+                      "--data.curation.scope": "per_query", "--model.lr": "5e-3", "--model.lora.r": "8",
+                      "--data.max_prompt_tokens": "384", "--data.max_completion_tokens": "600",
+                      "--trainer.max_epochs": "2"})
+        config["fit_args"] = [x for kv in flags.items() for x in kv]
+        path = tmp_path / "learn.yaml"
+        path.write_text(yaml.safe_dump(config))
+        proc = start(path)
+        out = proc.communicate(timeout=900)[0].decode(errors="replace")
+    assert proc.returncode == 0, out[-4000:]
+    run = tmp_path / "run"
+    first, second = (read_jsonl_tolerant(run / f"iter-{k}" / "samples.jsonl") for k in (1, 2))
+    assert all(s["valid"] and s["completion_ids"] for s in first + second)  # trained on the ids as sampled
+    scored = read_jsonl_tolerant(run / "iter-1" / "scored.jsonl")
+    assert {s["score"] for s in scored if PLAN_FIRST in s["completion"]} == {1.0}
+    assert {s["score"] for s in scored if PLAN_FIRST not in s["completion"]} == {0.0}
+    # iteration 2 sampled with π_1: already more plan-first workflows than π_0 wrote
+    assert share_planned([s["completion"] for s in second]) > share_planned([s["completion"] for s in first])
+    # π_2 (the adapter of iteration 2, trained on π_1's samples with π_1 as reference) against the base model
+    prompts = list({s["query_id"]: s["prompt"] for s in first}.values())
+    n = 24
+    base = sample_share(tiny_model, None, prompts, n)
+    final = sample_share(tiny_model, str(run / "iter-2" / "fit" / "adapter"), prompts, n)
+    assert 0.05 < base < 0.8, f"the base generator's share {base:.2f} leaves no room to learn or no signal"
+    margin = 5 * (2 * base * (1 - base) / (n * len(prompts))) ** 0.5
+    assert final - base > margin, f"plan-first share: base {base:.2f}, after two iterations {final:.2f} (> {margin:.2f})"

@@ -17,8 +17,9 @@ probabilities, and forces everything else. The grammar is data (``guide:`` in
 Inside a step, ``{instruction}`` marks an instruction string the generator writes freely: 1 to
 ``slot_tokens`` tokens of printable text without quotes, backslashes or newlines (so the string
 literal stays a string literal). The result is ordinary workflow text: the same validation, the same
-sandbox, the same records as free sampling; training uses the whole text, so the model also learns
-to write the frame itself. Every path through a grammar is a valid workflow (a test renders them all).
+sandbox, the same records as free sampling. Training takes the policy gradient on the model's decisions
+only (:meth:`Guide.decisions`, ``--data.train_on decisions``): the forced frame is no choice of the
+policy's. Every path through a grammar is a valid workflow (a test renders them all).
 
 Two decoders read one :class:`Guide`: :class:`TokenGuide` drives token-level constrained sampling in
 :class:`spogw.generation.TransformersGenerator` (the shared prompt and the header are prefilled once per
@@ -159,6 +160,69 @@ class Guide:
         return _escape(self.prefix) + first + (middle or tail) + _escape(CLOSE)
 
 
+    def decisions(self, text: str) -> list[tuple[int, int]] | None:
+        """Character spans of the generator's own decisions in a workflow this grammar produced, or None when
+        ``text`` is not one (a freely written workflow).
+
+        A decision is what the guided decoder let the model choose: at each step, the characters up to the one
+        that tells the chosen option from every other (``plan`` vs ``solution`` vs ``candidates``), and each
+        instruction's text with its closing quote (where the model chose to stop). Everything else was forced.
+        Training on these tokens alone (``--data.train_on decisions``) gives the policy gradient to the choices;
+        on the whole text, the forced frame's ~200 tokens would drown the one token that chose the structure.
+        """
+        if not text.startswith(self.prefix):
+            return None
+        pos, spans = len(self.prefix), []
+        for position in range(self.max_then + 1):
+            options = self.step_options(position)
+            bodies = [_body(o) for o in options]
+            heads = [b.split(SLOT)[0] for b in bodies]
+            matched = None
+            for i, body in enumerate(bodies):
+                slots = _match_option(body, text, pos)
+                if slots is not None:
+                    matched = (i, slots)
+                    break
+            if matched is None:
+                return None
+            i, (end, slots) = matched
+            if len(options) > 1:
+                shared = max(_common_prefix(heads[i], heads[j]) for j in range(len(heads)) if j != i)
+                spans.append((pos + shared, pos + shared + 1))  # the character that tells it from the rest
+            spans.extend(slots)
+            pos = end
+            if position > 0 and i == len(self.then):
+                break
+        else:
+            if not text.startswith(_body(self.end), pos):
+                return None
+            pos += len(_body(self.end))
+        return spans if text[pos:] == CLOSE else None
+
+
+def _match_option(body: str, text: str, pos: int) -> tuple[int, list[tuple[int, int]]] | None:
+    """Match one option's text at ``pos``: (end position, the spans of its instructions with their closing quote)."""
+    parts = body.split(SLOT)
+    if not text.startswith(parts[0], pos):
+        return None
+    pos += len(parts[0])
+    slots = []
+    for part in parts[1:]:  # every part after a slot begins with the closing quote
+        end = text.find('"', pos)
+        if end <= pos or any(c in text[pos:end] for c in "\\\n") or not text.startswith(part, end):
+            return None
+        slots.append((pos, end + 1))
+        pos = end + len(part)
+    return pos, slots
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _body(option: str) -> str:
     """An option as it appears in the workflow: indented into ``__call__``, ending with a newline."""
     return "".join(INDENT + line + "\n" if line.strip() else "\n" for line in option.split("\n"))
@@ -247,6 +311,7 @@ class GuidedRow:
     def __init__(self, tg: TokenGuide):
         self.tg, self.guide = tg, tg.guide
         self.text: list[str] = [self.guide.prefix]
+        self.ids: list[int] = list(tg.encode(self.guide.prefix))  # every token of the completion, as sampled/fed
         self.forced: deque[int] = deque()
         self.done = False
         self.ends_after_forced = False  # the forced tokens are the workflow's last text
@@ -317,6 +382,7 @@ class GuidedRow:
             if [token] != expected:
                 raise RuntimeError(f"guided decoding: expected forced token {expected}, got {token}")
             return
+        self.ids.append(token)
         if self._node is not None:
             self._node = self._node[token]
             if None in self._node:
@@ -339,12 +405,18 @@ class GuidedRow:
     def take_forced(self, limit: int) -> list[int]:
         """Up to ``limit`` of the forced tokens, consumed; the row is done once the last of its text is taken."""
         taken = [self.forced.popleft() for _ in range(min(limit, len(self.forced)))]
+        self.ids.extend(taken)
         if self.ends_after_forced and not self.forced:
             self.done = True
         return taken
 
-    def result(self) -> str:
-        return "".join(self.text)
+    def result(self):
+        """The text, as a :class:`spogw.completions.Completion` carrying the token ids it was decoded as."""
+        from spogw.completions import Completion
+
+        text = "".join(self.text)
+        spelled = "".join(self.tg.strings[i] for i in self.ids) == text  # not when cut short by the token budget
+        return Completion(text, self.ids if spelled else None)
 
 
 def guided_generate(model, prompt_ids, guide: TokenGuide, *, n: int, temperature: float, top_p: float,
