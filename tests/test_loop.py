@@ -250,4 +250,4 @@ def test_the_generator_learns_a_planted_preference(tmp_path, tiny_model):
     final = sample_share(tiny_model, str(run / "iter-2" / "fit" / "adapter"), prompts, n)
     assert 0.05 < base < 0.8, f"the base generator's share {base:.2f} leaves no room to learn or no signal"
     margin = 5 * (2 * base * (1 - base) / (n * len(prompts))) ** 0.5
-    assert final - base > margin, f"plan-first share: base {base:.2f}, after two iterations {final:.2f} (> {margin:.2f})"
+    assert final - base > margin, f"plan-first share: base {base:.2f}, after two {final:.2f} (> {margin:.2f})"
