@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +161,38 @@ class Guide:
         return _escape(self.prefix) + first + (middle or tail) + _escape(CLOSE)
 
 
+    def parse(self, text: str) -> Parsed | None:
+        """Recover the path through this grammar that wrote ``text``: the option chosen at each step, the
+        instructions, and the character spans of every decision; None when ``text`` is not such a workflow."""
+        if not text.startswith(self.prefix):
+            return None
+        pos, spans, choices, instructions = len(self.prefix), [], [], []
+        for position in range(self.max_then + 1):
+            options = self.step_options(position)
+            bodies = [_body(o) for o in options]
+            heads = [b.split(SLOT)[0] for b in bodies]
+            matched = next(((i, m) for i, b in enumerate(bodies) if (m := _match_option(b, text, pos)) is not None),
+                           None)
+            if matched is None:
+                return None
+            i, (end, slots) = matched
+            if len(options) > 1:
+                shared = max(_common_prefix(heads[i], heads[j]) for j in range(len(heads)) if j != i)
+                spans.append((pos, pos + shared + 1))  # the character that tells it from the rest
+            spans.extend(slots)
+            instructions.extend(text[a:b - 1] for a, b in slots)
+            choices.append(i)
+            pos = end
+            if position > 0 and i == len(self.then):
+                break
+        else:
+            if not text.startswith(_body(self.end), pos):
+                return None
+            pos += len(_body(self.end))
+        if text[pos:] != CLOSE:
+            return None
+        return Parsed(tuple(choices), tuple(instructions), tuple(spans))
+
     def decisions(self, text: str) -> list[tuple[int, int]] | None:
         """Character spans of the generator's own decisions in a workflow this grammar produced, or None when
         ``text`` is not one (a freely written workflow).
@@ -170,34 +203,39 @@ class Guide:
         Training on these tokens alone (``--data.train_on decisions``) gives the policy gradient to the choices;
         on the whole text, the forced frame's ~200 tokens would drown the one token that chose the structure.
         """
-        if not text.startswith(self.prefix):
-            return None
-        pos, spans = len(self.prefix), []
-        for position in range(self.max_then + 1):
-            options = self.step_options(position)
-            bodies = [_body(o) for o in options]
-            heads = [b.split(SLOT)[0] for b in bodies]
-            matched = None
-            for i, body in enumerate(bodies):
-                slots = _match_option(body, text, pos)
-                if slots is not None:
-                    matched = (i, slots)
-                    break
-            if matched is None:
-                return None
-            i, (end, slots) = matched
-            if len(options) > 1:
-                shared = max(_common_prefix(heads[i], heads[j]) for j in range(len(heads)) if j != i)
-                spans.append((pos + shared, pos + shared + 1))  # the character that tells it from the rest
-            spans.extend(slots)
-            pos = end
-            if position > 0 and i == len(self.then):
+        parsed = self.parse(text)
+        return None if parsed is None else list(parsed.spans)
+
+    def structure(self, choices: tuple[int, ...]) -> str:
+        """A path as the operators it calls, e.g. ``Custom+CustomCodeGenerate > Review+Revise``."""
+        steps = []
+        for position, choice in enumerate(choices):
+            if position > 0 and choice == len(self.then):
                 break
-        else:
-            if not text.startswith(_body(self.end), pos):
-                return None
-            pos += len(_body(self.end))
-        return spans if text[pos:] == CLOSE else None
+            option = self.step_options(position)[choice]
+            ops = []
+            for name in _OPERATOR_CALL.findall(option):
+                op = self._attributes().get(name, name)
+                if not ops or ops[-1] != op:
+                    ops.append(op)
+            steps.append("+".join(ops))
+        return " > ".join(steps)
+
+    def _attributes(self) -> dict[str, str]:
+        """``self.<attribute>`` -> operator name, from the header's constructor."""
+        return dict(re.findall(r"self\.(\w+) = operator\.(\w+)\(", self.header))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A guided workflow read back: option index per step, its instructions, and its decision spans."""
+
+    choices: tuple[int, ...]
+    instructions: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+
+
+_OPERATOR_CALL = re.compile(r"self\.(\w+)\(")
 
 
 def _match_option(body: str, text: str, pos: int) -> tuple[int, list[tuple[int, int]]] | None:

@@ -1,0 +1,134 @@
+"""How much does the workflow matter to this executor? Static workflows on training queries, side by side.
+
+Learning can only move the score as far as the workflows it can write differ. This script measures that room
+before any training: the paper's six static baselines and every structure of the guided grammar (each `first`
+option, alone and followed by each `then` option, with a plain instruction) run on the first ``--limit``
+*training* queries of each benchmark with one executor, and it prints the mean score of each workflow and the
+spread between the best and the worst. Held-out (test) queries are never touched.
+
+    python -m vllm.entrypoints.openai.api_server --model ~/.cache/spogw/models/smollm2-135m-instruct ... &
+    python scripts/workflow_spread.py --base_url http://127.0.0.1:8000/v1 --model smollm2 \\
+        --benchmarks drop hotpotqa math humaneval mbpp --limit 30 --data_dir ../shared/data/aflow
+
+Writes ``<out>/spread.json`` and ``<out>/spread.md``; executor replies are cached in ``<out>``, so a rerun
+with more workflows pays only for the new ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+INSTRUCTIONS = {
+    "code": "Write a correct Python function.",
+    "math": "Solve the problem step by step and put the final answer in \\boxed{}.",
+    "qa": "Answer with only the answer: a number, a name or a short phrase.",
+}
+
+
+def grammar_workflows(family: str) -> dict[str, str]:
+    """Every `first` option alone and followed by each single `then` option, with the family's plain instruction."""
+    from spogw.workflows.guide import load_guide
+
+    guide = load_guide(family)
+    out = {}
+    for i in range(len(guide.first)):
+        for j in range(len(guide.then) + 1):
+            path = [i, j] if j < len(guide.then) else [i, len(guide.then)]
+            if j < len(guide.then) and guide.max_then > 1:
+                path.append(len(guide.then))
+            name = f"first{i}" + (f"+then{j}" if j < len(guide.then) else "")
+            out[name] = guide.render(path, [INSTRUCTIONS[family]] * 8).removeprefix("<graph>\n").removesuffix(
+                "</graph>")
+    return out
+
+
+async def run_benchmark(name: str, args, executor) -> dict:
+    from spogw.baselines import BASELINES, baseline_workflow
+    from spogw.benchmarks import ascore_output_detailed, load_benchmark
+    from spogw.runtime.runner import WorkflowJob, run_many
+
+    records = load_benchmark(name, "train", data_dir=args.data_dir, limit=args.limit)
+    family = records[0].family
+    workflows = {b: baseline_workflow(b, family) for b in BASELINES}
+    workflows.update(grammar_workflows(family))
+    jobs = [(w, r) for w in workflows for r in records]
+    start = time.perf_counter()
+    results, usage = await run_many([WorkflowJob(workflows[w], r.to_dict(), family) for w, r in jobs], executor,
+                                    concurrency=args.concurrency, temperature=0.0, max_tokens=args.max_tokens)
+    checks = asyncio.Semaphore(2)
+
+    async def score(record, result):
+        if not result.ok:
+            return 0.0, result.status
+        async with checks:
+            scored = await ascore_output_detailed(name, record, result.output, partial=args.partial)
+        return scored.score, "ok"
+
+    scored = await asyncio.gather(*(score(r, res) for (_, r), res in zip(jobs, results, strict=True)))
+    per = {w: [] for w in workflows}
+    failed = {w: 0 for w in workflows}
+    for (w, _), (s, status) in zip(jobs, scored, strict=True):
+        per[w].append(s)
+        failed[w] += status != "ok"
+    means = {w: 100 * statistics.fmean(v) for w, v in per.items()}
+    best, worst = max(means, key=means.get), min(means, key=means.get)
+    return {"benchmark": name, "queries": len(records), "means": means, "failed": failed, "best": best,
+            "worst": worst, "spread": means[best] - means[worst],
+            "ratio": means[best] / means[worst] if means[worst] > 0 else None,
+            "seconds": round(time.perf_counter() - start, 1), "completion_tokens": usage.completion_tokens,
+            "calls": usage.calls, "cached_calls": usage.cached_calls}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        lines += [f"### {row['benchmark']} ({row['queries']} training queries, {row['seconds']} s)", "",
+                  "| workflow | mean score | failed runs |", "|---|---|---|"]
+        for w, m in sorted(row["means"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"| {w} | {m:.1f} | {row['failed'][w]} |")
+        ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "inf"
+        lines += ["", f"best {row['best']} - worst {row['worst']}: **{row['spread']:.1f} points** ({ratio})", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--benchmarks", nargs="+", default=["drop", "hotpotqa", "math", "humaneval", "mbpp"])
+    p.add_argument("--limit", type=int, default=30)
+    p.add_argument("--data_dir", default="../shared/data/aflow")
+    p.add_argument("--base_url", required=True)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--max_tokens", type=int, default=192)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--partial", action="store_true", help="code benchmarks: partial credit")
+    p.add_argument("--out", default="runs/spread")
+    args = p.parse_args()
+    from spogw.runtime.cache import CachedExecutor
+    from spogw.runtime.executor import OpenAIExecutor
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.benchmarks:
+        async def one(name=name):
+            executor = CachedExecutor(OpenAIExecutor(args.base_url, args.model, concurrency=args.concurrency,
+                                                     timeout_s=600.0), out / "executor_cache.sqlite")
+            try:
+                return await run_benchmark(name, args, executor)
+            finally:
+                await executor.executor.aclose()
+
+        row = asyncio.run(one())
+        rows.append(row)
+        print(markdown([row]), flush=True)
+        (out / "spread.json").write_text(json.dumps(rows, indent=2))
+        (out / "spread.md").write_text(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
