@@ -50,7 +50,7 @@ def grammar_workflows(family: str) -> dict[str, str]:
 async def run_benchmark(name: str, args, executor) -> dict:
     from spogw.baselines import BASELINES, baseline_workflow
     from spogw.benchmarks import ascore_output_detailed, load_benchmark
-    from spogw.runtime.runner import WorkflowJob, run_many
+    from spogw.runtime.runner import INFRA_STATUSES, WorkflowJob, run_many
 
     records = load_benchmark(name, "train", data_dir=args.data_dir, limit=args.limit)
     family = records[0].family
@@ -69,6 +69,10 @@ async def run_benchmark(name: str, args, executor) -> dict:
             scored = await ascore_output_detailed(name, record, result.output, partial=args.partial)
         return scored.score, "ok"
 
+    broken = [res for res in results if res.status in INFRA_STATUSES]
+    if broken:  # the executor or the sandbox failed: no verdict on the workflow, and nothing to average
+        raise RuntimeError(f"{name}: {len(broken)} runs failed for infrastructure reasons, e.g. {broken[0].reason}; "
+                           "rerun (finished calls are cached)")
     scored = await asyncio.gather(*(score(r, res) for (_, r), res in zip(jobs, results, strict=True)))
     per = {w: [] for w in workflows}
     failed = {w: 0 for w in workflows}
