@@ -177,7 +177,8 @@ class _Channel:
             info = {}
         where = info.get("where")
         return {"stage": "preamble" if info.get("stage") == "preamble" else "solution",
-                "error": _text(info.get("error", "SolutionError"))[:100], "message": _text(info.get("message", ""))[:300],
+                "error": _text(info.get("error", "SolutionError"))[:100],
+                "message": _text(info.get("message", ""))[:300],
                 "where": [str(where[0])[:20], int(where[1])] if isinstance(where, list) and len(where) == 2
                 and isinstance(where[1], int) else None}
 

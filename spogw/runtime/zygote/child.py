@@ -182,10 +182,8 @@ def _install_audit_hook(meta_fd: int, limit: int = 16) -> None:
             if event == "open" and not (isinstance(args[0], str) and args[0].startswith(("/proc", "/dev/mem"))):
                 return  # only opens that look for other processes' memory are worth a line
             count[0] += 1
-            try:
+            with contextlib.suppress(Exception):
                 os.write(meta_fd, (json.dumps({"event": event, "args": repr(args)[:200]}) + "\n").encode())
-            except Exception:
-                pass
 
     sys.addaudithook(hook)
 

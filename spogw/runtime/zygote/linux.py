@@ -6,6 +6,7 @@ with the call's name on failure, so a refused step can be reported (``protection
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -152,8 +153,6 @@ def count_user_procs(uid: int) -> int:
     n = 0
     for name in os.listdir("/proc"):
         if name.isdigit():
-            try:
+            with contextlib.suppress(OSError):
                 n += os.stat(f"/proc/{name}").st_uid == uid
-            except OSError:
-                pass
     return n

@@ -7,6 +7,7 @@ meta channel carries the program's own exception and value): it is parsed defens
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -105,18 +106,16 @@ def parse_verdict(raw: bytes) -> dict:
             passed += 1
         elif line.startswith(b"F "):
             failed += 1
-            if len(failed_lines) < 20:
-                failed_lines.append(int(line[2:] or 0))
+            if len(failed_lines) < 20 and line[2:].isdigit():
+                failed_lines.append(int(line[2:]))
         elif line == b"PASS":
             final = "PASS"
         elif line.startswith(b"FAIL "):
             final = "FAIL"
             fail = _first_json(line[5:])
         elif line.startswith(b"N ") and len(notes) < 8:
-            try:
+            with contextlib.suppress(ValueError):
                 notes.append(str(json.loads(line[2:])))
-            except ValueError:
-                pass
     return {"passed": passed, "failed": failed, "final": final, "fail": fail, "notes": notes,
             "failed_lines": failed_lines}
 

@@ -22,8 +22,17 @@ import signal
 import time
 
 from . import linux, outcome, wire
-from .linux import CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, MS_NODEV, MS_NOEXEC, MS_NOSUID
-from .linux import MS_PRIVATE, MS_REC
+from .linux import (
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    MS_NODEV,
+    MS_NOEXEC,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+)
 
 UID_BASE = 0x70000000  # untrusted children: UID_BASE + zygote pid, unique per live zygote, never a real account
 UID_TESTS = 0x78000000  # the tests of a check: another uid, so a solution cannot signal or inspect its judge
@@ -279,7 +288,7 @@ class Zygote:
                          pipes["setup"][1], memfd, *extra]
             pid, pidfd = self.template.spawn(req, child_fds)  # closes child_fds, ours included
         except BaseException:
-            for name, (r, w) in pipes.items():
+            for r, w in pipes.values():
                 for fd in (r, w):
                     with contextlib.suppress(OSError):
                         os.close(fd)
