@@ -466,11 +466,20 @@ async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awai
     if ":" not in entry:
         raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
     options = zygote_options(hide_paths, expose=entry_paths(entry))
-    loop = asyncio.get_running_loop()
 
     def start(task: dict, fds: list[int]):
+        # a thread of its own, not the loop's default executor: its few threads are what the handler's own
+        # blocking work (a response cache's sqlite, say) needs while many entries wait on their zygotes
         holder: dict[str, _Zygote] = {}
-        future = loop.run_in_executor(None, lambda: _once(task, options, fds, started=lambda z: holder.update(z=z)))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(_once(task, options, fds, started=lambda z: holder.update(z=z)))
+            except BaseException as e:  # noqa: B036 - delivered to the awaiting caller
+                future.set_exception(e)
+
+        threading.Thread(target=work, name="sandbox-run-entry", daemon=True).start()
         return future, lambda: holder["z"].cancel() if "z" in holder else None
 
     return await _entry(start, entry, payload, handler=handler, limits=limits, max_message_bytes=max_message_bytes,
@@ -499,8 +508,7 @@ async def _entry(start, entry: str, payload: dict, *, handler=None, limits: Sand
     session = RpcSession(c2p_r, p2c_w, handler, max_message_bytes, max_requests, max_in_flight)
     wait = _Zygote.START_TIMEOUT_S + limits.wall_s + _Zygote.GRACE_S
     try:
-        result, violation = await session.run(asyncio.wrap_future(future) if isinstance(
-            future, concurrent.futures.Future) else future, cancel, wait)
+        result, violation = await session.run(asyncio.wrap_future(future), cancel, wait)
     except asyncio.TimeoutError:
         cancel()
         return _failure("sandbox_error", "no result from the sandbox zygote", time.monotonic() - t0)
