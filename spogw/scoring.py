@@ -9,7 +9,9 @@ for DROP/HotpotQA). Per run:
   verdict on the workflow: the sample is marked ``retry`` and scored again on the next resume.
 
 A workflow that was invalid, or whose every run failed, gets ``score: null`` with the reason: the
-build stage counts it as failed (or scores it with ``--data.curation.failed_score``). The executor
+build stage scores it ``--data.curation.failed_score`` (default 0.0: a bad workflow, the generator's fault,
+so it gets a negative advantage in its group; ``null`` drops it, the paper's literal reading) and counts it
+by reason. Invalid workflows count as failed: the generator wrote them. The executor
 sits behind the on-disk response cache, so a resumed or repeated stage pays for no call twice.
 
 Artifact: ``scored.jsonl``: the sample's fields plus ``score``, ``score_reason``, ``runs`` (status,
