@@ -344,6 +344,10 @@ with SandboxPool(1, SandboxLimits(wall_s=2, cpu_s=2, memory_mb=256, max_procs=16
     out['bomb'] = p.run('import os\\nwhile True:\\n    try:\\n        os.fork()\\n    except OSError:\\n'
                         '        pass').status
     out['after'] = p.run('print(6 * 7)').stdout
+    out['sees_checkout'] = p.run(f'import os; print(os.path.exists({os.getcwd() + "/pyproject.toml"!r}))').stdout
+    c = p.check({'preamble': '', 'solution': 'def f(x): return x + 1', 'tests': 'assert f(1) == 2',
+                 'remote': ['f']})
+    out['check'] = [c.status, c.verdict['final']]
 time.sleep(0.3)
 out['mine'] = open(mine).read()
 procs = [l.split() for l in os.popen('ps -u 65534 -o pid=,comm=').read().splitlines()]
@@ -374,6 +378,8 @@ def test_not_root_degrades_to_user_namespace():
     if prot.get("user_namespace", "").startswith("active"):
         assert prot["pid_namespace"].startswith("active") and prot["mount_namespace"].startswith("active")
         assert out["mine"] == "mine"  # the caller's own file stayed out of reach
+        assert prot["root"].startswith("active") and out["sees_checkout"] == "False\n", (prot["root"], out)
+    assert out["check"] == ["ok", "PASS"]
     assert out["escape"] == "ok" and out["bomb"] == "timeout" and out["after"] == "42\n"
     assert out["left"] == [], "a detached process outlived its task"
 

@@ -563,3 +563,16 @@ def test_generated_workflows_cannot_read_the_key_the_cache_or_other_outputs(tmp_
         for path in [str(cache), *secrets, str(REPO / "pyproject.toml")]:
             assert f"{path}:FileNotFoundError" in out, (path, out)
         assert f"{control}:read:" in out, out
+
+
+def test_free_names_of_the_tests_are_the_tests_own():
+    """MBPP 596's tests use ``sys``, which only the solution imports: the tests import it themselves, and a
+    solution cannot hand them another module under that name, nor its own object."""
+    from spogw.benchmarks.code_exec import names_under_test
+
+    tests = "assert size((1,)) == sys.getsizeof((1,))\n"
+    assert names_under_test("", "import sys\ndef size(t):\n    return 1\n", tests, "size") == (("size",),
+                                                                                          ("import sys",))
+    assert names_under_test("", "import os as sys\ndef size(t):\n    return 1\n", tests, "size") == (("size",), ())
+    assert names_under_test("", "sys = 3\ndef size(t):\n    return 1\n", tests, "size") == (("size", "sys"), ())
+    assert names_under_test("import sys\n", "def size(t):\n    return 1\n", tests, "size") == (("size",), ())

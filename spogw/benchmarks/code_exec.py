@@ -12,7 +12,8 @@ redefines ``poly`` changes only its own), and the verdict reaches the parent on 
 Which names T binds to the solution (``remote``): the entry point, plus every free name of the tests that the
 solution defines (by ``def``, ``class``, assignment or ``from ... import``) and the preamble does not. A free
 name the solution binds by ``import M`` of a standard-library module (MBPP 596 uses ``sys``) is imported by T
-itself (``imports``); the module object is then T's. Other free names stay unbound, as they would be unknown.
+itself (``imports``); the module object is then T's, and the name must be the module's own (``import os as sys``
+is not followed: it would let the solution choose what the tests get). Other free names stay unbound.
 
 Partial credit rewrites every ``assert`` in the tests (with :mod:`ast`) into a try/except that reports pass or
 fail on T's verdict channel, so asserts inside loops count once per execution and a failing assert does not
@@ -207,10 +208,10 @@ def names_under_test(preamble: str, solution: str, tests: str, entry_point: str 
     top_imports: dict[str, str] = {}
     for node in sol_tree.body:
         if isinstance(node, ast.Import):
-            for a in node.names:
-                name = (a.asname or a.name).split(".")[0]
-                if a.name.split(".")[0] in sys.stdlib_module_names:
-                    top_imports[name] = f"import {a.name} as {a.asname}" if a.asname else f"import {a.name}"
+            for a in node.names:  # `import sys` only: with `import os as sys` the solution would pick the module
+                top = a.name.split(".")[0]
+                if top in sys.stdlib_module_names and a.asname in (None, a.name):
+                    top_imports[top] = f"import {a.name}"
     defined = _bound_names(ast.Module(body=[n for n in sol_tree.body if not isinstance(n, ast.Import)],
                                       type_ignores=[]))
     for name in sorted(free - set(remote)):
