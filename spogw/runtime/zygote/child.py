@@ -1,6 +1,6 @@
 """One sandboxed child, from the template's fork to its exit: isolate, read the task, run its role.
 
-    G (root, pid 1 of a fresh pid namespace): setsid; oom_score_adj; join the zygote's cgroups; network;
+    G (root, pid 1 of a fresh pid namespace, born in the zygote's cgroups): setsid; oom_score_adj; network;
       new mount + IPC namespace with fresh tmpfs on /tmp and /dev/shm and a fresh /proc (``rootfs``);
       its fds on 0.. (all others closed); rlimits; setgroups([]) / setgid / setuid (or, in a user namespace,
       every capability dropped); no_new_privs; parent-death signal; seccomp; audit hook (untrusted roles)
@@ -9,6 +9,9 @@
 
     program   ``code`` as ``__main__``                      entry     ``function(payload, rpc)`` (``rpc.py``)
     solution  a check's solution, serving calls (``check``)  tests     a check's tests, judging (``check``)
+
+The tests' process (trusted code that writes nothing) skips the private mounts: it keeps the template's
+read-only root, with its own uid, rlimits, no_new_privs, seccomp, and is not dumpable.
 
 fds: 0/1/2 stdio, 3 meta (the outcome: exception, entry value, audit events), then the role's own: entry 4/5 the
 RPC pipes; solution 4 requests in, 5 replies out; tests 4 requests out, 5 replies in, 6 the verdict. A step that
@@ -71,14 +74,13 @@ def _isolate(z, req: dict, fds: list[int], probe: list[str], layout: dict) -> No
     with contextlib.suppress(OSError):  # under memory pressure the kernel picks sandboxes first, solutions first
         linux.write_file("/proc/self/oom_score_adj", "500" if role == "tests" else "1000")
     private = False
-    if z.is_root or z.userns:  # namespace and cgroup steps first: they use the template's fds
-        for fd in z.cgroup_fds:
-            os.write(fd, b"0")
+    if z.is_root or z.userns:  # namespace steps first: they use the template's fds (cgroups: born in them)
         if lim.get("network") and z.host_net_fd is not None:
             linux.setns(z.host_net_fd, CLONE_NEWNET)
         if z.userns and not lim.get("network"):
             linux.unshare(CLONE_NEWNET)
-        private = _private_dirs(z, req, probe if is_probe else None)
+        if role != "tests":  # the tests (trusted code) write nothing: they keep the template's read-only root
+            private = _private_dirs(z, req, probe if is_probe else None)
     # fds: sources are first copied above every target so that no dup2 clobbers a source still to be moved
     order = fds[:4] + fds[6:] + fds[4:6]  # stdio, meta, the role's own, then setup and payload
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in order]
@@ -88,9 +90,12 @@ def _isolate(z, req: dict, fds: list[int], probe: list[str], layout: dict) -> No
     layout.update(setup=len(high) - 2, payload=len(high) - 1)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if not private and "workdir" not in req:
+    if role == "tests":
+        home = "/"
+    elif not private and "workdir" not in req:
         raise SandboxSetupError("no private working directory: the per-task tmpfs could not be mounted")
-    home = "/tmp/work" if private else req["workdir"]  # else: made (and removed) by the zygote
+    else:
+        home = "/tmp/work" if private else req["workdir"]  # else: made (and removed) by the zygote
     linux.set_rlimits(lim, z.is_root, user_procs)
     if is_probe:
         probe.append("rlimits=active: RLIMIT_AS=memory_mb, RLIMIT_CPU=cpu_s, RLIMIT_FSIZE=file_size_mb, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import resource
 import struct
@@ -84,6 +85,7 @@ def _bpf(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
+@functools.lru_cache(maxsize=2)
 def seccomp_program(network: bool) -> bytes:
     """BPF: kill foreign-arch calls; EPERM for _DENY_X86_64 and namespace-creating clone; ENOSYS for clone3 (libc
     falls back to clone, whose flags we can inspect); EACCES for AF_INET/AF_INET6/AF_PACKET sockets unless network."""

@@ -34,6 +34,8 @@ def classify(task: dict, kid, killed_by: str | None, duration: float, oom: bool)
         status, reason = "killed", "the parent closed the control channel; child killed"
     elif killed_by == "cancelled":
         status, reason = "killed", "cancelled by the parent; child killed"
+    elif st is None and kid.abandoned:
+        status, reason = "killed", "ended once the tests had finished"
     elif st is None:
         status, reason = "sandbox_error", "the child's exit status was never reported"
     elif os.WIFSIGNALED(st):

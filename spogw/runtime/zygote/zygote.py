@@ -15,6 +15,7 @@ reports, classify (``outcome.py``). A check is two children, S and T (``check.py
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import select
@@ -50,6 +51,7 @@ class Kid:
         self.status: int | None = None
         self.cpu = 0.0
         self.killed = False
+        self.abandoned = False  # killed without awaiting its exit (a check's solution once the tests are done)
 
     def kill(self) -> None:
         if self.status is not None or self.killed:
@@ -131,6 +133,8 @@ class Zygote:
             prot["pid_namespace"] = (f"inactive: {err}; the zygote kills what tasks leave behind (by uid and cgroup), "
                                      "its template (a subreaper) reaps them")
         self.template = Template(self)
+        for fd in self.cgroup_fds:  # children are born in the cgroups: no per-child attach (v1's is slow: an RCU
+            os.write(fd, str(self.template.pid).encode())  # grace period under the threadgroup lock, ms at times)
         view = self.template.view
         self.minimal, self.bound = bool(view.get("minimal")), list(view.get("bound") or [])
         prot["root"] = view["root"]
@@ -187,7 +191,7 @@ class Zygote:
         if "memory" in self.cgroups:
             self.prot["cgroup_memory"] = "active: memory.limit_in_bytes = limits.memory_mb for the task's processes"
         if "pids" in self.cgroups:
-            self.prot["cgroup_pids"] = "active: pids.max = limits.max_procs"
+            self.prot["cgroup_pids"] = "active: pids.max = limits.max_procs (+ 1 for the template, which forks there)"
 
     def _probe_child(self) -> None:
         """Fork one child through the full per-task set-up with a trivial program; record what worked."""
@@ -216,8 +220,8 @@ class Zygote:
                 kids = self._spawn_check(task, workdirs)
             elif kind == "entry":
                 payload = {k: task.get(k) for k in ("entry", "payload", "max_message_bytes")}
-                kids = [self._spawn("entry", payload, task, self.uid, fds, workdirs)]
-                fds = []
+                extra, fds = fds, []  # _spawn owns them now
+                kids = [self._spawn("entry", payload, task, self.uid, extra, workdirs)]
             else:
                 payload = {"code": task["code"], "files": task.get("files") or {}}
                 kids = [self._spawn("program", payload, task, self.uid, [], workdirs, stdin=task.get("stdin"))]
@@ -243,65 +247,95 @@ class Zygote:
 
                 shutil.rmtree(d, ignore_errors=True)  # fd-based, does not follow the task's symlinks
 
+    # Fd ownership: ``_prepare`` takes ``extra`` only when it returns; ``_launch`` always consumes what it is given
+    # (the template closes the child's ends once sent, ``_launch`` our ends if the fork fails).
     def _spawn_check(self, task: dict, workdirs: list[str]) -> list[Kid]:
         check = task["check"]
         req_r, req_w = os.pipe()  # T -> S: calls
         rep_r, rep_w = os.pipe()  # S -> T: replies
         ver_r, ver_w = os.pipe()  # T -> zygote: the verdict
-        s = t = None
+        extras = [[req_r, rep_w], [req_w, rep_r, ver_w]]
+        prepared: list[dict] = []
         try:
-            s = self._spawn("solution", {"preamble": check["preamble"], "solution": check["solution"]}, task,
-                            self.uid, [req_r, rep_w], workdirs)
-            req_r = rep_w = -1
+            prepared.append(self._prepare("solution", {"preamble": check["preamble"], "solution": check["solution"]},
+                                          task, self.uid, extras[0], workdirs))
             tests = {k: check.get(k) for k in ("preamble", "tests", "remote", "imports")}
-            t = self._spawn("tests", tests, task, self.uid_tests, [req_w, rep_r, ver_w], workdirs)
-            req_w = rep_r = ver_w = -1
-            t.readers["verdict"] = ver_r
-            ver_r = -1
-            return [s, t]
+            prepared.append(self._prepare("tests", tests, task, self.uid_tests, extras[1], workdirs))
         except BaseException:
-            if s is not None:
-                s.kill()
+            self._discard(prepared)
+            for fd in [fd for fds in extras[len(prepared):] for fd in fds] + [ver_r]:
+                os.close(fd)
             raise
-        finally:
-            for fd in (req_r, req_w, rep_r, rep_w, ver_r, ver_w):
-                if fd >= 0:
-                    os.close(fd)
+        try:
+            kids = self._launch(prepared)
+        except BaseException:
+            os.close(ver_r)
+            raise
+        kids[1].readers["verdict"] = ver_r
+        return kids
 
     def _spawn(self, role: str, payload: dict, task: dict, uid: int, extra: list[int], workdirs: list[str],
                stdin: str | None = None) -> Kid:
-        """Ask the template for a child; its payload travels in a memfd the template never reads."""
+        try:
+            prepared = self._prepare(role, payload, task, uid, extra, workdirs, stdin)
+        except BaseException:
+            for fd in extra:
+                os.close(fd)
+            raise
+        return self._launch([prepared])[0]
+
+    def _prepare(self, role: str, payload: dict, task: dict, uid: int, extra: list[int], workdirs: list[str],
+                 stdin: str | None = None) -> dict:
+        """A child's fork request and its pipes; its payload travels in a memfd the template never reads."""
         pipes = {name: os.pipe() for name in ("stdin", "stdout", "stderr", "meta", "setup")}
         memfd = os.memfd_create(f"spogw-{role}", os.MFD_CLOEXEC)
+        req = {"role": role, "limits": task["limits"], "uid": uid, "probe": bool(task.get("probe")),
+               "required": [k for k in ("seccomp", "private_tmp") if self.prot.get(k, "").startswith("active")]}
         try:
             wire.write_all(memfd, json.dumps(payload).encode())
-            req = {"role": role, "limits": task["limits"], "uid": uid, "probe": bool(task.get("probe")),
-                   "required": [k for k in ("seccomp", "private_tmp") if self.prot.get(k, "").startswith("active")]}
-            if not self.mount_ns:  # no private tmpfs: a directory of its own under the real /tmp
+            if not self.mount_ns and role != "tests":  # no private tmpfs: a directory of its own under the real /tmp
                 import tempfile
 
                 req["workdir"] = tempfile.mkdtemp(prefix="spogw-sbx-")
                 workdirs.append(req["workdir"])
                 if self.is_root:
                     os.chown(req["workdir"], uid, uid)
-            child_fds = [pipes["stdin"][0], pipes["stdout"][1], pipes["stderr"][1], pipes["meta"][1],
-                         pipes["setup"][1], memfd, *extra]
-            pid, pidfd = self.template.spawn(req, child_fds)  # closes child_fds, ours included
         except BaseException:
-            for r, w in pipes.values():
-                for fd in (r, w):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+            for fd in (memfd, *(fd for pair in pipes.values() for fd in pair)):
+                os.close(fd)
             raise
-        readers = {name: pipes[name][0] for name in ("stdout", "stderr", "meta", "setup")}
-        data = (stdin or "").encode()
-        stdin_w = pipes["stdin"][1]
-        if not data:
-            os.close(stdin_w)
-            stdin_w = -1
-        else:
-            os.set_blocking(stdin_w, False)
-        return Kid(role, pid, pidfd, readers, (stdin_w, data))
+        child_fds = [pipes["stdin"][0], pipes["stdout"][1], pipes["stderr"][1], pipes["meta"][1], pipes["setup"][1],
+                     memfd, *extra]
+        ours = [pipes["stdin"][1], pipes["stdout"][0], pipes["stderr"][0], pipes["meta"][0], pipes["setup"][0]]
+        return {"role": role, "req": req, "child_fds": child_fds, "ours": ours, "stdin": stdin}
+
+    @staticmethod
+    def _discard(prepared: list[dict]) -> None:
+        for p in prepared:
+            for fd in p["child_fds"] + p["ours"]:
+                os.close(fd)
+
+    def _launch(self, prepared: list[dict]) -> list[Kid]:
+        """Fork the prepared children in one round trip with the template."""
+        try:
+            spawned = self.template.spawn([(p["req"], p["child_fds"]) for p in prepared])  # closes the child fds
+        except BaseException:
+            for p in prepared:
+                for fd in p["ours"]:
+                    os.close(fd)
+            raise
+        kids = []
+        for p, (pid, pidfd) in zip(prepared, spawned, strict=True):
+            stdin_w, out_r, err_r, meta_r, setup_r = p["ours"]
+            data = (p["stdin"] or "").encode()
+            if not data:
+                os.close(stdin_w)
+                stdin_w = -1
+            else:
+                os.set_blocking(stdin_w, False)
+            readers = {"stdout": out_r, "stderr": err_r, "meta": meta_r, "setup": setup_r}
+            kids.append(Kid(p["role"], pid, pidfd, readers, (stdin_w, data)))
+        return kids
 
     def _supervise(self, kind: str, task: dict, kids: list[Kid], t0: float) -> str | None:
         """Poll every channel of the task's children until it ends; returns why it was killed (or None)."""
@@ -311,9 +345,17 @@ class Zygote:
         judge = kids[-1]  # a program's or entry's only child; a check's tests
         readers = {fd: (kid, name) for kid in kids for name, fd in kid.readers.items()}
         writers = {kid.stdin_w: kid for kid in kids if kid.stdin_w >= 0}
+        # The verdict is drained on every pass and at the end, not polled: a wake-up of the zygote per assert
+        # would cost a context switch each (its pipe holds 1 MiB, ~100k asserts, between passes).
+        verdict = judge.readers.get("verdict", -1)
+        if verdict >= 0:
+            os.set_blocking(verdict, False)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(verdict, fcntl.F_SETPIPE_SZ, 1 << 20)
         poller = select.poll()
         for fd in readers:
-            poller.register(fd, select.POLLIN)
+            if fd != verdict:
+                poller.register(fd, select.POLLIN)
         for fd in writers:
             poller.register(fd, select.POLLOUT)
         poller.register(self.template.fileno(), select.POLLIN)
@@ -324,9 +366,11 @@ class Zygote:
             self._collect_exits(kids)
             if judge.status is not None:
                 for kid in kids:
-                    kid.kill()  # a check's solution has nothing left to answer
-                if all(k.status is not None for k in kids):
-                    break
+                    if kid.status is None:  # a check's solution: nothing left to answer; its exit is not awaited
+                        kid.kill()
+                        kid.abandoned = True
+                        self.template.forget(kid.pid)
+                break
             now = time.monotonic()
             if now >= deadline:
                 killed_by = "timeout"
@@ -348,6 +392,8 @@ class Zygote:
                     self.template.pump()
                 elif self.ctl is not None and fd == self.ctl.fileno():
                     killed_by = self._control()
+            if verdict >= 0:
+                _drain(verdict, judge.out["verdict"], MAX_VERDICT + 1)
             if sum(len(k.out["stdout"]) + len(k.out["stderr"]) for k in kids) > cap:
                 killed_by = "output"
             if any(len(k.out["meta"]) > 64 << 20 or len(k.out["verdict"]) > MAX_VERDICT for k in kids):
@@ -357,20 +403,15 @@ class Zygote:
         for kid in kids:
             kid.kill()
         end = time.monotonic() + 10.0
-        while any(k.status is None for k in kids):
+        while any(k.status is None and not k.abandoned for k in kids):
             self._collect_exits(kids)
-            if all(k.status is not None for k in kids) or time.monotonic() > end:
+            if all(k.status is not None or k.abandoned for k in kids) or time.monotonic() > end:
                 break
             if select.select([self.template.fileno()], [], [], max(0.0, end - time.monotonic()))[0]:
                 self.template.pump()
         for fd, (kid, name) in readers.items():  # drain what is left without blocking (the writers are dead)
             os.set_blocking(fd, False)
-            with contextlib.suppress(BlockingIOError):
-                while len(kid.out[name]) <= cap + 65536:
-                    data = os.read(fd, 65536)
-                    if not data:
-                        break
-                    kid.out[name] += data
+            _drain(fd, kid.out[name], MAX_VERDICT + 1 if name == "verdict" else cap + 65536)
         return killed_by
 
     def _collect_exits(self, kids: list[Kid]) -> None:
@@ -419,8 +460,8 @@ class Zygote:
         self._cg_limits = None  # unknown until both writes went through
         if "memory" in self.cgroups:
             linux.write_file(os.path.join(self.cgroups["memory"], "memory.limit_in_bytes"), str(memory_mb << 20))
-        if "pids" in self.cgroups:
-            linux.write_file(os.path.join(self.cgroups["pids"], "pids.max"), str(max_procs))
+        if "pids" in self.cgroups:  # + 1: the template lives in the group too
+            linux.write_file(os.path.join(self.cgroups["pids"], "pids.max"), str(max_procs + 1))
         self._cg_limits = (memory_mb, max_procs)
 
     def oom_kills(self) -> int:
@@ -448,6 +489,8 @@ class Zygote:
                     with contextlib.suppress(OSError):
                         if os.stat(f"/proc/{name}").st_uid in (self.uid, self.uid_tests):
                             pids.add(int(name))
+        if self.template is not None:
+            pids.discard(self.template.pid)
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -462,6 +505,16 @@ class Zygote:
                 os.rmdir(path)
             with contextlib.suppress(OSError):
                 _sweep_dead_groups(os.path.dirname(path))
+
+
+def _drain(fd: int, buf: bytearray, cap: int) -> None:
+    """Read what is there (non-blocking fd) into ``buf``, up to ``cap`` bytes in all."""
+    with contextlib.suppress(BlockingIOError, OSError):
+        while len(buf) < cap:
+            data = os.read(fd, 65536)
+            if not data:
+                return
+            buf += data
 
 
 def _sweep_dead_groups(base: str) -> None:
