@@ -4,7 +4,8 @@ Files, one concern each (all import only the standard library, so the zygote sta
 nothing of the project's):
 
     __main__.py   start-up and the control loop with the parent (frames on a unix socket, fds by SCM_RIGHTS)
-    zygote.py     set-up shared by a pool worker's tasks (uids, cgroups, namespaces) and the supervision of a task
+    zygote.py     set-up shared by a pool worker's tasks: uids, cgroups, namespaces, the template, the probe
+    task.py       one task: its children spawned through the template, supervised, classified
     template.py   the pristine forker: every child is forked from a process that never held any task's data
     rootfs.py     the children's filesystem: a minimal read-only root (pivot_root), fresh /tmp and /proc per child
     child.py      one child from fork to exit: isolation (rlimits, uid, seccomp, ...), then its role
