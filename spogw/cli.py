@@ -128,7 +128,7 @@ def build(
     mode: Literal["screen_sharpen", "screen", "random_filter", "random"] = "screen_sharpen",
     scope: Literal["global", "per_query"] = "global",
     dedup: bool = True,
-    failed_score: float | None = None,
+    failed_score: float | None = 0.0,
     on_bad_record: Literal["error", "skip"] = "error",
 ) -> dict:
     """Build the group-wise dataset (Arrow + stats.json) from a scored-samples JSONL file.
@@ -144,7 +144,7 @@ def build(
         mode: screen_sharpen | screen | random_filter | random.
         scope: global | per_query.
         dedup: rank distinct sharpened groups.
-        failed_score: score for failed workflows; null drops them.
+        failed_score: score of failed (invalid, crashed, timed out, empty) workflows; null drops them.
         on_bad_record: error | skip.
     """
     from spogw.data import Curation, build_dataset

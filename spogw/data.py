@@ -135,8 +135,10 @@ class Curation:
     """Rank instances over all queries together (global) or keep top_n per query (per_query)."""
     dedup: bool = True
     """Rank distinct sharpened groups (True) or literal n-subsets, keeping repeated groups (False)."""
-    failed_score: float | None = None
-    """Score given to workflows that failed (score null); null drops them (counted in stats)."""
+    failed_score: float | None = 0.0
+    """Score of a workflow that failed (score null: invalid, or every run crashed, timed out or returned nothing):
+    0.0, a bad workflow; null drops them instead (the paper's literal reading). Counted in stats either way;
+    infrastructure failures (retry) are never scored."""
 
     def __post_init__(self) -> None:
         check_options(n=self.n, t=self.t, top_n=self.top_n, mode=self.mode, scope=self.scope, prefix="--data.curation.")

@@ -342,12 +342,13 @@ def make_executor(options: ExecutorOptions, out_dir: Path):
 
 async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOptions, fingerprints, judge: bool) -> None:
     """Run the jobs in chunks (each chunk's records are written before the next starts), score, append."""
-    from spogw.runtime.runner import WorkflowJob, run_many, sandbox_code_runner
+    from spogw.runtime.runner import WorkflowJob, run_many, sandbox_code_runner, workflow_pool
 
     executor = make_executor(options, out)
     chunk_size = max(4 * options.concurrency, 32)
     code_checks = asyncio.Semaphore(2)  # code checks are CPU-bound sandboxed programs
     pool = _sandbox_pool() if any(j.family == "code" for j in jobs) else None
+    entry_pool = workflow_pool(options.concurrency) if any(j.sandbox for j in jobs) else None
     try:
         with _progress(len(jobs), "running workflows") as bar, _append(out / "records.jsonl") as f:
             for sandbox in (False, True):
@@ -358,7 +359,7 @@ async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOption
                         [WorkflowJob(j.code, records[j.benchmark][j.index].to_dict(), j.family, run_index=j.run)
                          for j in chunk], executor, concurrency=options.concurrency,
                         on_progress=lambda *_: bar(1), temperature=options.temperature,
-                        max_tokens=options.max_tokens, sandbox=sandbox,
+                        max_tokens=options.max_tokens, sandbox=sandbox, entry_pool=entry_pool,
                         code_runner=None if pool is None else sandbox_code_runner(pool))
                     lines = await asyncio.gather(*(
                         _score(j, records[j.benchmark][j.index], res, executor, judge, code_checks, pool)
@@ -368,8 +369,9 @@ async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOption
                         f.write(json.dumps(line) + "\n")  # ASCII escapes: an output with lone surrogates still writes
                     f.flush()
     finally:
-        if pool is not None:
-            pool.close()
+        for p in (pool, entry_pool):
+            if p is not None:
+                p.close()
         aclose = getattr(executor, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -5,7 +5,10 @@ anything else, carried through). Groups come out, each ready for the ioGRPO obje
 
 * **combine**  every n-subset of a query's m scored workflows is one instance (C(m, n) of them);
 * **filter**   instances whose scores are all equal give no advantage and are dropped; failed
-               workflows are dropped (or scored ``failed_score``), and both are counted;
+               workflows (``score`` None: invalid, or every run crashed, timed out or returned
+               nothing) are scored ``failed_score`` (default 0.0: a bad workflow, which then gets a
+               negative advantage) or, with ``failed_score=None``, dropped; workflows that wait for an
+               infrastructure retry (``retry: true``) are always left out; all of it is counted;
 * **screen**   instances are ranked by the variance of their scores and the top ``top_n`` are kept
                (over all queries, or per query: ``scope``);
 * **sharpen**  each kept instance keeps its bottom t and top t workflows, so groups have 2t members.
@@ -166,6 +169,15 @@ def check_options(*, n: int, t: int, top_n: int, mode: str = "screen_sharpen", s
         raise ValueError(f"`{prefix}top_n` must be an integer >= 1, got {top_n!r}")
 
 
+def _failure_kind(reason: Any) -> str:
+    """'invalid workflow', 'every run failed: timeout', ... (the score stage's reason without its details)."""
+    text = str(reason or "unknown")
+    head, _, rest = text.partition(": ")
+    if head == "every run failed":
+        return f"{head}: {rest.split(':', 1)[0]}"
+    return head[:60]
+
+
 def _validate(records: Iterable[Mapping[str, Any]]) -> dict[Any, list[tuple[int, Mapping[str, Any]]]]:
     by_query: dict[Any, list[tuple[int, Mapping[str, Any]]]] = {}
     for i, rec in enumerate(records):
@@ -203,7 +215,7 @@ def build_groups(
     mode: Mode = "screen_sharpen",
     scope: Scope = "global",
     dedup: bool = True,
-    failed_score: float | None = None,
+    failed_score: float | None = 0.0,
     adv_eps: float = 1e-4,
 ) -> Curation:
     """Curate scored workflows into training groups of 2t members (see the module docstring).
@@ -217,7 +229,8 @@ def build_groups(
         mode: ``screen_sharpen`` | ``screen`` | ``random_filter`` | ``random`` (paper Table 4).
         scope: ``global`` ranks instances of all queries together; ``per_query`` keeps top_n of each.
         dedup: rank distinct sharpened groups rather than n-subsets (see the module docstring).
-        failed_score: if set, failed workflows (score None) join with this score instead of being dropped.
+        failed_score: the score of failed workflows (score None); None drops them instead. Workflows marked
+            ``retry`` (an infrastructure failure: executor or sandbox) are never scored, whatever this is.
         adv_eps: the epsilon in (s - mean) / (std + eps).
 
     Returns:
@@ -233,7 +246,8 @@ def build_groups(
     stats: dict[str, Any] = {
         "mode": mode, "scope": scope, "n": n, "t": t, "top_n": top_n, "seed": seed, "dedup": dedup,
         "records": sum(len(v) for v in by_query.values()), "queries": len(by_query),
-        "failed": 0, "failed_rescored": 0, "skipped_queries": {}, "constant_queries": [],
+        "failed": 0, "failed_rescored": 0, "failed_reasons": {}, "infrastructure_dropped": 0,
+        "skipped_queries": {}, "constant_queries": [],
         "instances": 0, "instances_constant": 0, "instances_kept": 0,
         "duplicate_subsets": 0, "duplicate_groups": 0, "groups": 0, "groups_per_query": {},
     }
@@ -241,8 +255,13 @@ def build_groups(
     for qid, items in by_query.items():
         valid = []
         for _, rec in items:
+            if rec.get("retry"):  # not a verdict on the workflow: the score stage retries it
+                stats["infrastructure_dropped"] += 1
+                continue
             if rec["score"] is None:
                 stats["failed"] += 1
+                why = _failure_kind(rec.get("score_reason"))
+                stats["failed_reasons"][why] = stats["failed_reasons"].get(why, 0) + 1
                 if failed_score is None:
                     continue
                 stats["failed_rescored"] += 1

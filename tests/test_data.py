@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,13 @@ def test_curation_options_name_the_flag(kwargs, flag):
 def test_missing_scored_file_names_the_flag(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data.scored_samples"):
         GroupDataModule(str(tmp_path / "missing.jsonl"))
+
+
+def test_a_failed_workflow_scores_zero_by_default_in_the_code_and_every_shipped_fit_config():
+    import yaml
+
+    assert Curation().failed_score == 0.0
+    root = Path(__file__).resolve().parents[1] / "configs" / "fit"
+    for path in sorted(root.glob("*.yaml")):
+        assert yaml.safe_load(path.read_text())["data"]["curation"]["failed_score"] == 0.0, path
+    assert Curation(failed_score=None).failed_score is None  # the paper's literal reading stays available

@@ -78,11 +78,11 @@ def _records(rng, queries, m, levels, fail_rate=0.0):
 
 
 def _brute_top_values(records, *, n, t, top_n, scope, dedup):
-    """Top instance variances by full enumeration (values are independent of tie-breaking)."""
+    """Top instance variances by full enumeration (values are independent of tie-breaking); a failed workflow
+    scores 0.0 (the default ``failed_score``)."""
     per_query: dict[str, list[float]] = {}
     for r in records:
-        if r["score"] is not None:
-            per_query.setdefault(r["query_id"], []).append(r["score"])
+        per_query.setdefault(r["query_id"], []).append(0.0 if r["score"] is None else r["score"])
     pools = []
     for scores in per_query.values():
         ints = sorted(round(s * SCALE) for s in scores)
@@ -119,7 +119,7 @@ def test_group_properties():
     for g in groups:
         assert len(g["members"]) == len(g["scores"]) == len(g["advantages"]) == 8
         assert all(id(m) in ids and m["query_id"] == g["query_id"] for m in g["members"])  # input records, as given
-        assert g["scores"] == [m["score"] for m in g["members"]] == sorted(g["scores"])
+        assert g["scores"] == [m["score"] or 0.0 for m in g["members"]] == sorted(g["scores"])  # failed: 0.0
         assert abs(sum(g["advantages"])) < 1e-9 and g["variance"] > 0
         assert g["variance"] >= g["instance_variance"] - 1e-12  # sharpening keeps the extremes: never less spread
         assert g["advantages"] == advantages(g["scores"])
@@ -187,10 +187,22 @@ def test_ablation_modes(mode):
 
 def test_failed_workflows_are_counted_or_rescored():
     records = [{"query_id": "a", "score": s} for s in [None, None, 0.0, 1.0, 0.5, 1.0]]
-    _, stats = build_groups(records, n=4, t=2, top_n=5)
+    _, stats = build_groups(records, n=4, t=2, top_n=5, failed_score=None)  # the paper's literal reading
     assert stats["failed"] == 2 and stats["failed_rescored"] == 0 and stats["groups"] == 1
-    groups, stats = build_groups(records, n=6, t=2, top_n=5, failed_score=0.0)
+    groups, stats = build_groups(records, n=6, t=2, top_n=5)  # the default: a failed workflow is a bad one
     assert stats["failed_rescored"] == 2 and groups[0]["scores"][:2] == [0.0, 0.0]
+    assert groups[0]["advantages"][0] < 0  # it is pushed down, not silently left out of its group
+
+
+def test_failures_are_counted_by_reason_and_infrastructure_failures_never_scored():
+    records = [{"query_id": "a", "score": None, "score_reason": "invalid workflow: no Workflow class"},
+               {"query_id": "a", "score": None, "score_reason": "every run failed: timeout: wall time 300 s"},
+               {"query_id": "a", "score": None, "retry": True, "score_reason": "infrastructure failure: ..."},
+               *({"query_id": "a", "score": s} for s in (0.5, 1.0, 0.25))]
+    groups, stats = build_groups(records, n=5, t=2, top_n=1)
+    assert stats["failed"] == 2 and stats["infrastructure_dropped"] == 1
+    assert stats["failed_reasons"] == {"invalid workflow": 1, "every run failed: timeout": 1}
+    assert len(groups[0]["members"]) == 4 and not any(m.get("retry") for m in groups[0]["members"])
 
 
 def test_queries_with_too_few_samples_are_reported():

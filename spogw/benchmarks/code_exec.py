@@ -1,29 +1,33 @@
-"""Turning a model's code into a check program, running it, and reading the verdict.
+"""Turning a model's code into a check, running it, and reading the verdict.
 
-The check program is a small harness that ``exec``s three sources into one namespace, in order: the
-*preamble* (HumanEval: the prompt, which brings its imports and helper functions such as ``poly`` or
-``encode_cyclic``; MBPP: ``test_imports``), the *solution*, and the *tests*. Running them as separate
-``exec`` calls rather than one concatenated file keeps ``from __future__`` imports legal, names the failing
-part in tracebacks (``<solution>`` vs ``<tests>``), and leaves ``__name__`` unequal to ``"__main__"`` so a
-solution's demo block does not run.
+A check runs the solution and its tests in two sandboxed processes that share nothing
+(``spogw/runtime/zygote/check.py``): the solution's process S runs the *preamble* (HumanEval: the prompt, which
+brings its imports and helpers such as ``poly`` or ``encode_cyclic``; MBPP: ``test_imports``) and the
+*solution*, then serves calls; the tests' process T runs the preamble and the *tests*, with the names under
+test bound to proxies that call into S and decode its replies into T's own plain values. So every comparison is
+made by the tests on values the solution cannot shape (no ``__eq__`` of its making, no patched builtins, no
+exit code or printed line that means "pass"), the tests' helpers are T's trusted copies (a solution that
+redefines ``poly`` changes only its own), and the verdict reaches the parent on a channel only T holds.
 
-A pass is only believed when the harness prints a per-run random *nonce* after the tests: a solution that
-calls ``sys.exit(0)`` or ``os._exit(0)`` from inside the function under test would otherwise exit 0 and
-look like a pass.
+Which names T binds to the solution (``remote``): the entry point, plus every free name of the tests that the
+solution defines (by ``def``, ``class``, assignment or ``from ... import``) and the preamble does not. A free
+name the solution binds by ``import M`` of a standard-library module (MBPP 596 uses ``sys``) is imported by T
+itself (``imports``); the module object is then T's, and the name must be the module's own (``import os as sys``
+is not followed: it would let the solution choose what the tests get). Other free names stay unbound.
 
-Partial credit rewrites every ``assert`` in the tests (with :mod:`ast`) into a try/except that reports
-pass or fail through the harness, so asserts inside loops count once per execution and a failing assert
-does not stop the others. An abort outside an assert (a crash in setup code, a timeout) counts as one more
-failed assert.
+Partial credit rewrites every ``assert`` in the tests (with :mod:`ast`) into a try/except that reports pass or
+fail on T's verdict channel, so asserts inside loops count once per execution and a failing assert does not
+stop the others. An abort outside an assert (a crash in set-up code, a timeout) counts as one more failed
+assert. What a solution returns that is not plain data is an opaque value in T (its truth value only; see
+``spogw/runtime/zygote/plain.py``), recorded in ``details["notes"]``.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import re
-import secrets
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,100 +149,126 @@ def count_asserts(tests: str) -> tuple[str, int]:
     return ast.unparse(tree), counter.count
 
 
-_HARNESS = """\
-import json as _json, sys as _sys, traceback as _tb
-_NONCE = {nonce!r}
-def __spogw_assert__(ok, line):
-    print(_NONCE + (" P " if ok else " F ") + str(line), flush=True)
-def _where(exc):
-    last = None
-    for frame, line in _tb.walk_tb(exc.__traceback__):
-        if frame.f_code.co_filename in ("<tests>", "<solution>", "<preamble>"):
-            last = (frame.f_code.co_filename, line)
-    return last
-def _main():
-    ns = {{"__name__": "__spogw_solution__", "__spogw_assert__": __spogw_assert__}}
-    stage = "preamble"
-    try:
-        exec(compile({preamble!r}, "<preamble>", "exec"), ns)
-        stage = "solution"
-        exec(compile({solution!r}, "<solution>", "exec"), ns)
-        stage = "tests"
-        exec(compile({tests!r}, "<tests>", "exec"), ns)
-    except BaseException as exc:
-        _tb.print_exc()
-        info = {{"stage": stage, "error": type(exc).__name__, "message": str(exc)[:300], "where": _where(exc)}}
-        print(_NONCE + " FAIL " + _json.dumps(info), flush=True)
-        _sys.stdout.flush()
-        _sys.exit(1)
-    print(_NONCE + " PASS", flush=True)
-_main()
-"""
-
-
 @dataclass(frozen=True)
 class CheckProgram:
-    """A runnable check program and what is needed to read its verdict."""
+    """A check (``spogw.runtime.sandbox``'s ``check`` dict) and what is needed to read its verdict."""
 
-    source: str
-    nonce: str
+    preamble: str
+    solution: str
+    tests: str
+    """The tests as T runs them: asserts rewritten to report when ``partial``."""
+    remote: tuple[str, ...]
+    imports: tuple[str, ...]
     partial: bool
     n_asserts: int
-    solution: str
     dropped: tuple[str, ...] = ()
 
+    def spec(self) -> dict[str, Any]:
+        return {"preamble": self.preamble, "solution": self.solution, "tests": self.tests,
+                "remote": list(self.remote), "imports": list(self.imports)}
 
-def build_check_program(preamble: str, solution: str, tests: str, *, partial: bool = False) -> CheckProgram:
-    """Assemble the harness around ``preamble``, ``solution`` and ``tests`` (see the module docstring)."""
-    nonce = "SPOGW-" + secrets.token_hex(8)
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name a module binds anywhere (assignments, defs, imports, arguments, handlers, comprehensions)."""
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store | ast.Del):
+            out.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            out.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            out.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler | ast.MatchAs | ast.MatchStar) and node.name:
+            out.add(node.name)
+    return out
+
+
+def _parse(code: str) -> ast.Module | None:
+    try:
+        return ast.parse(code)
+    except (SyntaxError, ValueError):
+        return None
+
+
+def names_under_test(preamble: str, solution: str, tests: str, entry_point: str | None
+                     ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names T binds to the solution, import statements T runs itself); see the module docstring."""
+    import builtins
+
+    remote = [entry_point] if entry_point else []
+    test_tree, sol_tree = _parse(tests), _parse(solution)
+    if test_tree is None or sol_tree is None:
+        return tuple(remote), ()
+    pre_tree = _parse(preamble)
+    used = {n.id for n in ast.walk(test_tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    free = used - _bound_names(test_tree) - (_bound_names(pre_tree) if pre_tree else set()) - set(dir(builtins))
+    imports: list[str] = []
+    top_imports: dict[str, str] = {}
+    for node in sol_tree.body:
+        if isinstance(node, ast.Import):
+            for a in node.names:  # `import sys` only: with `import os as sys` the solution would pick the module
+                top = a.name.split(".")[0]
+                if top in sys.stdlib_module_names and a.asname in (None, a.name):
+                    top_imports[top] = f"import {a.name}"
+    defined = _bound_names(ast.Module(body=[n for n in sol_tree.body if not isinstance(n, ast.Import)],
+                                      type_ignores=[]))
+    for name in sorted(free - set(remote)):
+        if name in top_imports:
+            imports.append(top_imports[name])
+        elif name in defined:
+            remote.append(name)
+    return tuple(remote), tuple(imports)
+
+
+def build_check_program(preamble: str, solution: str, tests: str, *, entry_point: str | None = None,
+                        partial: bool = False) -> CheckProgram:
+    """The check of ``solution`` against ``tests`` (see the module docstring)."""
+    remote, imports = names_under_test(preamble, solution, tests, entry_point)
     n_asserts = 0
     if partial:
         tests, n_asserts = count_asserts(tests)
-    source = _HARNESS.format(nonce=nonce, preamble=preamble, solution=solution, tests=tests)
-    return CheckProgram(source=source, nonce=nonce, partial=partial, n_asserts=n_asserts, solution=solution)
+    return CheckProgram(preamble, solution, tests, remote, imports, partial, n_asserts)
 
 
 def check_limits(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
-    """The sandbox limits of one check program: ``timeout_s`` of wall and CPU time, the sandbox's defaults else."""
+    """The sandbox limits of one check: ``timeout_s`` of wall and CPU time, the sandbox's defaults else."""
     from spogw.runtime.sandbox import SandboxLimits
 
     return SandboxLimits(wall_s=timeout_s, cpu_s=timeout_s)
 
 
-def run_programs(
-    sources: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2, pool: Any = None
-) -> list[Any]:
-    """Run each check program in the sandbox (``spogw.runtime.sandbox``); ``SandboxResult`` per program, in order.
+def run_checks(programs: Sequence[CheckProgram], *, timeout_s: float = DEFAULT_TIMEOUT_S, workers: int = 2,
+               pool: Any = None) -> list[Any]:
+    """Run each check in the sandbox (``spogw.runtime.sandbox``); ``SandboxResult`` per check, in order.
 
-    ``pool``: a warm ``SandboxPool`` to reuse (the score stage keeps one for its lifetime); without one, a pool of
-    ``workers`` zygotes is started for this batch. Each program gets ``timeout_s`` of wall and CPU time and the
-    sandbox's other default limits (1 GiB, no network, private /tmp).
-    """
+    ``pool``: a warm ``SandboxPool`` to reuse; without one, a pool of ``workers`` zygotes is started for this
+    batch. Each check gets ``timeout_s`` of wall and CPU time and the sandbox's other default limits."""
     from spogw.runtime.sandbox import SandboxPool
 
-    if not sources:
+    if not programs:
         return []
     limits = check_limits(timeout_s)
+    specs = [p.spec() for p in programs]
     if pool is not None:
-        return pool.map(sources, limits=limits)
-    with SandboxPool(workers=max(1, min(workers, len(sources))), limits=limits) as own:
-        return own.map(sources)
+        return pool.map_checks(specs, limits=limits)
+    with SandboxPool(workers=max(1, min(workers, len(specs))), limits=limits) as own:
+        return own.map_checks(specs)
 
 
 def interpret(program: CheckProgram, outcome: Any) -> ScoreResult:
-    """Turn a ``SandboxResult`` into a score and a reason; only the harness's nonce line counts as a pass."""
-    marks = [line[len(program.nonce) + 1 :] for line in outcome.stdout.splitlines() if line.startswith(program.nonce)]
-    passed_all = "PASS" in marks and outcome.status == "ok"
-    fail_info: dict[str, Any] = {}
-    for m in marks:
-        if m.startswith("FAIL "):
-            try:
-                fail_info = json.loads(m[5:])
-            except ValueError:
-                fail_info = {"error": "unreadable failure report"}
+    """Turn a check's ``SandboxResult`` into a score and a reason, from the tests' verdict channel alone.
+
+    The solution's stdout, stderr and exit status are diagnostics (``details``), never a verdict."""
+    verdict = outcome.verdict or {}
+    passed_all = verdict.get("final") == "PASS" and outcome.status == "ok"
+    fail_info = verdict.get("fail") or {}
     details: dict[str, Any] = {"status": outcome.status, "duration_s": round(float(outcome.duration_s or 0.0), 3)}
     if program.dropped:
         details["dropped_statements"] = list(program.dropped)
+    if verdict.get("notes"):
+        details["notes"] = list(verdict["notes"])
     if outcome.status == "sandbox_error":
         details["infrastructure_error"] = True  # not the program's fault: the score stage may retry it
     if passed_all:
@@ -246,16 +276,16 @@ def interpret(program: CheckProgram, outcome: Any) -> ScoreResult:
     elif fail_info:
         reason = _describe_failure(fail_info)
         details["failure"] = fail_info
-    elif outcome.status in ("ok", "exit"):  # ended without the harness's verdict: the solution exited itself
-        reason = f"program exited (code {outcome.returncode}) before the tests finished"
     else:
         reason = f"{outcome.status}: {outcome.reason}" if outcome.reason else outcome.status
     if not passed_all:
         details["stderr_tail"] = outcome.stderr[-500:]
+        details["tests_stderr_tail"] = str(verdict.get("stderr", ""))[-500:]
+        if outcome.solution:
+            details["solution_process"] = outcome.solution
     if not program.partial:
         return ScoreResult(1.0 if passed_all else 0.0, reason, program.solution, details)
-    passed = sum(1 for m in marks if m.startswith("P "))
-    failed = sum(1 for m in marks if m.startswith("F "))
+    passed, failed = int(verdict.get("passed", 0)), int(verdict.get("failed", 0))
     aborted = not passed_all
     total = passed + failed + (1 if aborted else 0)
     details.update(asserts_passed=passed, asserts_failed=failed, aborted=aborted, asserts_static=program.n_asserts)
@@ -280,7 +310,7 @@ class CodeBenchmark(Benchmark):
     family = "code"
 
     def preamble(self, record: Record) -> str:
-        """Source run before the solution in the same namespace."""
+        """Source run before the solution (in its process) and before the tests (in theirs)."""
         return ""
 
     def solution(self, record: Record, output: str) -> str:
@@ -294,7 +324,8 @@ class CodeBenchmark(Benchmark):
         code, dropped = sanitize(self.solution(record, output))
         if not code.strip():
             return ScoreResult(0.0, "no code in output" + (f" (dropped: {', '.join(dropped)})" if dropped else ""))
-        program = build_check_program(self.preamble(record), code, record.tests, partial=partial)
+        program = build_check_program(self.preamble(record), code, record.tests, entry_point=record.entry_point,
+                                      partial=partial)
         return dataclasses.replace(program, dropped=tuple(dropped))
 
     def score(
@@ -310,7 +341,7 @@ class CodeBenchmark(Benchmark):
         program = self.build(record, output, partial=partial)
         if isinstance(program, ScoreResult):
             return program
-        return interpret(program, run_programs([program.source], timeout_s=timeout_s, workers=1, pool=pool)[0])
+        return interpret(program, run_checks([program], timeout_s=timeout_s, workers=1, pool=pool)[0])
 
     def public_tests_for(self, record: Record, rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
         """This record's public tests among the rows of ``<stem>_public_test.jsonl``."""

@@ -21,7 +21,7 @@ from spogw.benchmarks.code_exec import (
     CodeBenchmark,
     check_limits,
     interpret,
-    run_programs,
+    run_checks,
 )
 from spogw.benchmarks.registry import get_benchmark
 
@@ -121,7 +121,7 @@ def score_outputs(
             results[i] = built
         else:
             programs.append((i, built))
-    outcomes = run_programs([p.source for _, p in programs], timeout_s=timeout_s, workers=workers, pool=pool)
+    outcomes = run_checks([p for _, p in programs], timeout_s=timeout_s, workers=workers, pool=pool)
     for (i, program), outcome in zip(programs, outcomes, strict=True):
         results[i] = interpret(program, outcome)
     return [r if r is not None else ScoreResult(0.0, "not scored") for r in results]
@@ -154,9 +154,9 @@ async def ascore_output_detailed(
     if isinstance(built, ScoreResult):
         return built
     if pool is None:
-        outcome = (await asyncio.to_thread(run_programs, [built.source], timeout_s=timeout_s, workers=1))[0]
+        outcome = (await asyncio.to_thread(run_checks, [built], timeout_s=timeout_s, workers=1))[0]
     else:
-        outcome = await pool.arun(built.source, limits=check_limits(timeout_s))
+        outcome = await pool.acheck(built.spec(), limits=check_limits(timeout_s))
     return interpret(built, outcome)
 
 

@@ -6,7 +6,10 @@ operators' handle (``spogw.workflows.execute.RpcLLM``) turns every executor call
 request; the parent answers them (:class:`CallContext`) with the real executor and the sandbox. So
 the executor, its response cache and its concurrency bound live in one place, the API key never
 enters the child, and the child needs no network. The gold answer and hidden tests never enter the
-child either: only the question, the entry point and the public tests do.
+child either: only the question, the entry point and the public tests do. Its filesystem is the sandbox's
+minimal root plus spogw's package directory (not the checkout: no run directories, executor cache, samples or
+scores of other workflows). A workflow can influence its score only through its answer, which the parent
+scores in a separate check sandbox. Many runs share warm zygotes through :func:`workflow_pool`.
 
 Outcome of a run (``WorkflowResult.status``):
 
@@ -76,6 +79,19 @@ def default_workflow_limits():
     from spogw.runtime.sandbox import SandboxLimits
 
     return SandboxLimits(wall_s=300.0, cpu_s=60.0, memory_mb=1024)
+
+
+def workflow_pool(workers: int):
+    """Warm sandboxes for generated workflows (``SandboxPool.for_entry``: the workflow child's package bound in,
+    its module preloaded, zygotes started as concurrency asks for them): a workflow run costs a fork instead of a
+    fresh zygote (~0.1-0.2 s). None where the pool cannot start; runs then use one-shot sandboxes."""
+    from spogw.runtime.sandbox import SandboxPool
+
+    try:
+        return SandboxPool.for_entry(ENTRY, max(1, workers), limits=default_workflow_limits())
+    except RuntimeError as exc:
+        logging.getLogger(__name__).warning("no workflow sandbox pool (%s); one-shot sandboxes instead", exc)
+        return None
 
 
 def sandbox_code_runner(pool=None, limits=None) -> CodeRunner:
@@ -200,10 +216,11 @@ def problem_inputs(problem: dict, needs_entry_point: bool) -> tuple[str, str | N
 async def run_workflow(code: str, problem: dict, family: str, executor: Executor, *, limits=None,
                        run_index: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
                        code_runner: CodeRunner | None = None, sandbox: bool = True, max_calls: int = 64,
-                       max_code_runs: int = 32) -> WorkflowResult:
+                       max_code_runs: int = 32, entry_pool=None) -> WorkflowResult:
     """Validate and run one generated workflow on one problem; every outcome is a :class:`WorkflowResult`.
 
     ``max_calls`` / ``max_code_runs`` cap one run's executor calls and program runs (see :class:`CallContext`).
+    ``entry_pool``: a :func:`workflow_pool` to run the workflow in (else a one-shot sandbox).
     ``sandbox=False`` runs the workflow class in this process (for trusted, hand-written workflows:
     templates and benchmarks); the programs its operators write still run in the sandbox.
     """
@@ -221,7 +238,8 @@ async def run_workflow(code: str, problem: dict, family: str, executor: Executor
                           code_runner=code_runner, max_calls=max_calls, max_code_runs=max_code_runs)
     limits = limits or default_workflow_limits()
     if sandbox:
-        outcome = await _run_sandboxed(parsed.code, spec, question, entry_point, public_tests, context, limits)
+        outcome = await _run_sandboxed(parsed.code, spec, question, entry_point, public_tests, context, limits,
+                                       entry_pool)
     else:
         llm = DirectLLM(context, family, public_tests=public_tests, entry_point=entry_point)
         try:
@@ -239,12 +257,16 @@ async def run_workflow(code: str, problem: dict, family: str, executor: Executor
                           time.perf_counter() - start, list(outcome.get("warnings") or []), list(parsed.operators_used))
 
 
-async def _run_sandboxed(code, spec, question, entry_point, public_tests, context: CallContext, limits) -> dict:
+async def _run_sandboxed(code, spec, question, entry_point, public_tests, context: CallContext, limits,
+                         entry_pool=None) -> dict:
     from spogw.runtime.sandbox import run_entry
 
     payload = {"code": code, "family": spec.name, "offered": list(spec.offered), "prompts": spec.prompts,
                "question": question, "entry_point": entry_point, "public_tests": public_tests}
-    res = await run_entry(ENTRY, payload, handler=context.handle, limits=limits)
+    if entry_pool is not None:
+        res = await entry_pool.arun_entry(ENTRY, payload, handler=context.handle, limits=limits)
+    else:
+        res = await run_entry(ENTRY, payload, handler=context.handle, limits=limits)
     if res.status == "ok" and isinstance(res.value, dict) and res.value.get("status") in STATUSES:
         return res.value
     if res.status == "ok":

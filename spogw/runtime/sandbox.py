@@ -1,11 +1,17 @@
-"""Sandboxed execution of untrusted, model-written code: workflow classes and the programs they write.
+"""Sandboxed execution of untrusted, model-written code: workflow classes, the programs they write, and checks.
 
-Three entry points, one mechanism (see ``_sandbox_child.py`` for the isolation itself):
+Four entry points, one mechanism (the isolation itself is ``spogw/runtime/zygote/``, a process of its own):
 
-- ``run_program(code)``: one program in a fresh sandbox (starts a one-shot zygote: ~0.2 s of set-up).
-- ``SandboxPool``: warm zygotes, one forked sandbox per program (~5 ms each): HumanEval-style checks.
+- ``run_program(code)``: one program in a fresh sandbox (starts a one-shot zygote: ~0.1-0.2 s of set-up).
+- ``SandboxPool``: warm zygotes, one forked sandbox per program (a few ms each); ``pool.check(...)`` runs a
+  *check* (a solution and its tests in two sandboxed processes, the verdict from the tests' side only: see
+  ``spogw/runtime/zygote/check.py``); ``pool.arun_entry(...)`` a pooled ``run_entry``.
+- ``run_check(check)``: one check in a fresh sandbox.
 - ``run_entry("module:function", payload, handler=...)``: a sandboxed ``function(payload, rpc)`` whose ``rpc``
   asks the parent for things (the LLM executor lives in the parent) over JSON frames on two pipes.
+
+Children see a minimal read-only root (the system libraries and the interpreter, no site-packages, no checkout,
+no home), plus what ``expose`` allows; ``run_entry`` exposes only the entry's own package or file.
 
 Every outcome is a ``SandboxResult`` whose ``status`` is one of ``STATUSES``; nothing a program does raises in the
 caller. What protections were active on this machine is in ``SandboxResult.protections`` and ``protections()``.
@@ -16,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib.util
 import json
 import os
 import queue
-import select
-import struct
+import socket
 import subprocess
 import sys
 import threading
@@ -30,10 +36,11 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-CHILD = str(Path(__file__).with_name("_sandbox_child.py"))
+ZYGOTE = str(Path(__file__).with_name("zygote"))
 
 STATUSES = {
-    "ok": "the program finished normally (exit code 0; for run_entry: the function returned a JSON value)",
+    "ok": "the program finished normally (exit code 0; for run_entry: the function returned a JSON value; for a "
+          "check: the tests ran to their verdict, in SandboxResult.verdict)",
     "error": "an uncaught exception (reason: 'Type: message'; traceback in stderr), incl. RecursionError",
     "exit": "sys.exit(n) / os._exit(n) with n != 0, or run_entry's process exited without returning",
     "timeout": "wall time or CPU time exceeded; the whole process tree was killed",
@@ -85,6 +92,12 @@ class SandboxResult:
     events: list[str] = field(default_factory=list)
     """Notable calls the program made (os.system, socket.connect, os.kill, ...), recorded by an audit hook."""
     cpu_s: float = 0.0
+    verdict: dict | None = None
+    """Checks only: the tests' report, read from the channel only the tests' process holds: ``passed``/``failed``
+    asserts, ``final`` (``PASS``, ``FAIL`` or None when the tests did not finish), ``fail`` (stage, error,
+    message, where), ``notes``, ``stderr`` (the tests' own). stdout/stderr/events above are the solution's."""
+    solution: dict | None = None
+    """Checks only: the solution process's status, reason and exit code (diagnostics; never a verdict)."""
     protections: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -102,14 +115,33 @@ def _failure(status: str, reason: str, duration: float = 0.0, protections: dict 
 
 
 def default_hidden_paths() -> tuple[str, ...]:
-    """Paths no sandboxed program may read: the shared benchmark data beside the checkout (ground truth)."""
+    """Paths no sandboxed program may read: the shared benchmark data beside the checkout (ground truth).
+
+    The children's minimal root holds no such path anyway; this matters where it cannot be built (legacy view)."""
     shared = Path(__file__).resolve().parents[3] / "shared" / "data"
     return (str(shared),) if shared.exists() else ()
 
 
-def _zygote_argv(mode: str, hide: Iterable[str] | None) -> list[str]:
-    hide = default_hidden_paths() if hide is None else tuple(hide)
-    return [sys.executable, "-I", CHILD, mode, json.dumps({"hide": [str(p) for p in hide]})]
+def entry_paths(entry: str) -> list[str]:
+    """What a child needs bound in to import ``entry``: its file, or its top-level package (not the stdlib)."""
+    mod = entry.rpartition(":")[0]
+    if mod.endswith(".py"):
+        return [os.path.realpath(mod)]
+    spec = importlib.util.find_spec(mod.split(".")[0])
+    if spec is None:
+        return []
+    paths = list(spec.submodule_search_locations or ([spec.origin] if spec.origin and os.path.isabs(spec.origin)
+                                                      else []))
+    stdlib = os.path.realpath(os.path.join(sys.base_prefix, "lib"))
+    return [os.path.realpath(p) for p in paths if not os.path.realpath(p).startswith(stdlib + os.sep)
+            or "-packages" in p]
+
+
+def zygote_options(hide_paths: Iterable[str] | None = None, expose: Iterable[str] = (), site_packages: bool = False,
+                   preload: Iterable[str] = ()) -> dict:
+    hide = default_hidden_paths() if hide_paths is None else tuple(hide_paths)
+    return {"hide": [str(p) for p in hide], "expose": [str(p) for p in expose], "site_packages": site_packages,
+            "preload": list(preload)}
 
 
 def _child_env() -> dict[str, str]:
@@ -117,86 +149,84 @@ def _child_env() -> dict[str, str]:
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
-def _task(code: str | None, limits: SandboxLimits, stdin: str | None, files: dict[str, str] | None, **extra) -> dict:
-    return {"code": code, "limits": asdict(limits), "stdin": stdin, "files": files, **extra}
+def _task(code: str | None, limits: SandboxLimits, stdin: str | None, files: dict[str, str] | None) -> dict:
+    return {"kind": "program", "code": code, "limits": asdict(limits), "stdin": stdin, "files": files}
 
 
-# ---------------------------------------------------------------------------------------------------- frame helpers
-
-
-def _encode(obj: dict) -> bytes:
-    data = json.dumps(obj).encode()
-    return struct.pack(">I", len(data)) + data
-
-
-def _read_exact(fd: int, n: int, deadline: float) -> bytes:
-    chunks = []
-    while n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("no answer from the sandbox zygote")
-        r, _, _ = select.select([fd], [], [], left)
-        if not r:
-            continue
-        b = os.read(fd, min(n, 1 << 20))
-        if not b:
-            raise EOFError("the sandbox zygote closed its pipe")
-        chunks.append(b)
-        n -= len(b)
-    return b"".join(chunks)
-
-
-def _read_frame(fd: int, deadline: float, cap: int = 256 << 20) -> dict:
-    (n,) = struct.unpack(">I", _read_exact(fd, 4, deadline))
-    if n > cap:
-        raise ValueError(f"zygote frame of {n} bytes exceeds {cap}")
-    return json.loads(_read_exact(fd, n, deadline))
+def _check_task(check: dict, limits: SandboxLimits) -> dict:
+    """``check``: {preamble, solution, tests, remote (names bound to the solution), imports (statements T runs)}."""
+    missing = {"preamble", "solution", "tests"} - set(check)
+    if missing:
+        raise ValueError(f"a check needs {sorted(missing)}")
+    return {"kind": "check", "check": {"remote": [], "imports": [], **check}, "limits": asdict(limits)}
 
 
 # ----------------------------------------------------------------------------------------------------------- zygote
 
 
 class _Zygote:
-    """A started zygote process: the parent's handle on it (blocking, one task at a time)."""
+    """A started zygote process: the parent's handle on it (one task at a time; ``cancel`` from any thread)."""
 
     START_TIMEOUT_S = 30.0
     GRACE_S = 5.0  # beyond the task's wall limit before the parent gives up on the zygote itself
 
-    def __init__(self, mode: str = "serve", hide: Iterable[str] | None = None):
-        self.proc = subprocess.Popen(
-            _zygote_argv(mode, hide), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
-            close_fds=True, cwd="/",
-        )
+    def __init__(self, mode: str = "serve", options: dict | None = None):
+        from spogw.runtime.zygote import wire
+
+        self._wire = wire
+        self._lock = threading.Lock()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            hello = _read_frame(self.proc.stdout.fileno(), time.monotonic() + self.START_TIMEOUT_S)
-        except (EOFError, TimeoutError, ValueError) as e:
+            argv = [sys.executable, "-I", ZYGOTE, mode, json.dumps(options or zygote_options())]
+            self.proc = subprocess.Popen(argv, stdin=theirs, stdout=subprocess.DEVNULL, env=_child_env(),
+                                         close_fds=True, cwd="/")
+        finally:
+            theirs.close()
+        try:
+            self.sock.settimeout(self.START_TIMEOUT_S)
+            hello, _ = wire.recv(self.sock)
+        except (EOFError, OSError, ValueError) as e:
             self.close()
-            raise RuntimeError(f"sandbox zygote failed to start: {e}") from e
+            raise RuntimeError(f"sandbox zygote failed to start: {e!r}") from e
         if not hello.get("ready"):
             self.close()
             raise RuntimeError(f"sandbox zygote failed to start: {hello.get('error')}")
         self.protections: dict[str, str] = hello["protections"]
-        self.uid: int = hello["uid"]
+        self.uids: list[int] = list(hello["uids"])
 
-    def run(self, task: dict) -> SandboxResult:
-        wall = float(task["limits"]["wall_s"])
+    def run(self, task: dict, fds: Iterable[int] = ()) -> SandboxResult:
+        """Send the task (``fds`` ride along and are closed here), wait for its result."""
+        fds = list(fds)
         try:
-            self.proc.stdin.write(_encode(task))
-            self.proc.stdin.flush()
-            res = _read_frame(self.proc.stdout.fileno(), time.monotonic() + wall + self.GRACE_S)
-        except (OSError, EOFError, TimeoutError, ValueError) as e:
+            with self._lock:
+                self.sock.settimeout(float(task["limits"]["wall_s"]) + self.GRACE_S)
+                self._wire.send(self.sock, task, fds)
+        except OSError as e:
+            self.close()
+            return _failure("sandbox_error", f"sandbox zygote lost: {e!r}", protections=self.protections)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        try:
+            res, _ = self._wire.recv(self.sock)
+        except (OSError, EOFError, ValueError) as e:  # socket.timeout is an OSError
             self.close()
             return _failure("sandbox_error", f"sandbox zygote lost: {e!r}", protections=self.protections)
         return _result(res, self.protections)
+
+    def cancel(self) -> None:
+        """Kill the running task's children (its result still comes back from ``run``)."""
+        with contextlib.suppress(OSError), self._lock:
+            self._wire.send(self.sock, {"op": "cancel"})
 
     @property
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def close(self) -> None:
-        """Closing stdin ends the zygote (and, through the parent-death signal, anything it still runs)."""
+        """Closing the socket ends the zygote (and, through the parent-death signals, everything it runs)."""
         with contextlib.suppress(OSError):
-            self.proc.stdin.close()
+            self.sock.close()
         try:
             self.proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
@@ -217,44 +247,79 @@ def protections() -> dict[str, str]:
     return dict(_PROTECTIONS)
 
 
-# ------------------------------------------------------------------------------------------------------ run_program
+def _once(task: dict, options: dict, fds: Iterable[int] = (), started: Callable | None = None) -> SandboxResult:
+    t0 = time.monotonic()
+    try:
+        z = _Zygote("once", options)
+    except RuntimeError as e:
+        for fd in fds:
+            os.close(fd)
+        return _failure("sandbox_error", str(e), time.monotonic() - t0)
+    if started is not None:
+        started(z)
+    try:
+        return z.run(task, fds)
+    finally:
+        z.close()
 
 
 def run_program(code: str, *, limits: SandboxLimits | None = None, stdin: str | None = None,
-                files: dict[str, str] | None = None, hide_paths: Iterable[str] | None = None) -> SandboxResult:
+                files: dict[str, str] | None = None, hide_paths: Iterable[str] | None = None,
+                expose: Iterable[str] = (), site_packages: bool = False) -> SandboxResult:
     """Run a Python program in a fresh sandboxed process (private temp dir, limits, no network).
 
-    ``files`` are written into its working directory first (relative paths only); ``hide_paths`` are made unreadable
-    (default: ``default_hidden_paths()``). For many programs use a ``SandboxPool``: this starts (and ends) a
-    zygote per call."""
+    ``files`` are written into its working directory first (relative paths only); ``expose`` binds more paths
+    read-only into its root, ``site_packages`` the interpreter's site-packages; ``hide_paths`` are covered
+    (default: ``default_hidden_paths()``). For many programs use a ``SandboxPool``: this starts a zygote per call."""
     limits = limits or SandboxLimits()
-    t0 = time.monotonic()
-    try:
-        z = _Zygote("once", hide_paths)
-    except RuntimeError as e:
-        return _failure("sandbox_error", str(e), time.monotonic() - t0)
-    try:
-        return z.run(_task(code, limits, stdin, files))
-    finally:
-        z.close()
+    return _once(_task(code, limits, stdin, files), zygote_options(hide_paths, expose, site_packages))
+
+
+def run_check(check: dict, *, limits: SandboxLimits | None = None, hide_paths: Iterable[str] | None = None
+              ) -> SandboxResult:
+    """One check (see ``spogw/runtime/zygote/check.py``) in a fresh sandbox; ``SandboxPool.check`` for many."""
+    return _once(_check_task(check, limits or SandboxLimits()), zygote_options(hide_paths))
 
 
 # -------------------------------------------------------------------------------------------------------------- pool
 
 
-class SandboxPool:
-    """Warm zygotes (one per worker) that fork one fully isolated sandbox per program.
+class _Item:
+    """A queued task; ``cancel()`` before it starts skips it, after it starts kills its children."""
 
-    Thread-safe; ``map`` keeps order; ``arun`` is for asyncio callers. A zygote that dies is replaced and its task
-    reported as ``sandbox_error``; a program can neither signal nor see its zygote (other uid, own pid namespace)."""
+    def __init__(self, task: dict, fds: list[int]):
+        self.task, self.fds = task, fds
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.zygote: _Zygote | None = None
+        self.cancelled = False
+        self.lock = threading.Lock()
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            zygote = self.zygote
+        if zygote is not None:
+            zygote.cancel()
+
+
+class SandboxPool:
+    """Warm zygotes (one per worker) that fork one fully isolated sandbox per program, check or entry.
+
+    Thread-safe; ``map`` keeps order; ``arun``/``acheck``/``arun_entry`` are for asyncio callers. A zygote that
+    dies is replaced and its task reported as ``sandbox_error``; a program can neither signal nor see its zygote
+    (other uid, own pid namespace). ``expose``/``site_packages``/``hide_paths``: what children see (see
+    ``run_program``); ``preload``: modules the zygotes import before forking (an entry's module, say);
+    ``lazy``: start each worker's zygote on its first task instead of at once."""
 
     def __init__(self, workers: int | None = None, limits: SandboxLimits | None = None,
-                 hide_paths: Iterable[str] | None = None):
+                 hide_paths: Iterable[str] | None = None, *, expose: Iterable[str] = (), site_packages: bool = False,
+                 preload: Iterable[str] = (), lazy: bool = False):
         self.workers = workers or os.cpu_count() or 1
         self.limits = limits or SandboxLimits()
-        self.hide_paths = None if hide_paths is None else tuple(hide_paths)
+        self.options = zygote_options(hide_paths, expose, site_packages, preload)
         self._queue: queue.Queue = queue.Queue()
         self._closed = False
+        self._lazy = lazy
         self._started = threading.Barrier(self.workers + 1)
         self._errors: list[str] = []
         self._threads = [threading.Thread(target=self._worker, name=f"sandbox-pool-{i}", daemon=True)
@@ -268,45 +333,64 @@ class SandboxPool:
             self.close()
             raise RuntimeError(f"SandboxPool: {self._errors[0]}")
 
+    def _start_zygote(self) -> _Zygote:
+        z = self._zygotes[threading.get_ident()] = _Zygote(options=self.options)
+        self.protections = z.protections
+        return z
+
     def _worker(self) -> None:
         """Owns one zygote for its whole life (the zygote's parent-death signal is tied to this thread)."""
         zygote = None
-        me = threading.get_ident()
-        try:
-            zygote = self._zygotes[me] = _Zygote(hide=self.hide_paths)
-            self.protections = zygote.protections
-        except RuntimeError as e:
-            self._errors.append(str(e))
+        if not self._lazy:
+            try:
+                zygote = self._start_zygote()
+            except RuntimeError as e:
+                self._errors.append(str(e))
         self._started.wait()
         while True:
             item = self._queue.get()
             if item is None:
                 break
-            fut, task = item
-            if not fut.set_running_or_notify_cancel():
+            with item.lock:
+                skip = item.cancelled or not item.future.set_running_or_notify_cancel()
+            if skip:
+                for fd in item.fds:
+                    os.close(fd)
+                if not item.future.done():
+                    item.future.set_result(_failure("killed", "cancelled before it started"))
                 continue
             try:
                 if zygote is None or not zygote.alive:
-                    zygote = self._zygotes[me] = _Zygote(hide=self.hide_paths)
-                res = zygote.run(task)
+                    zygote = self._start_zygote()
+                with item.lock:
+                    item.zygote = zygote
+                res = zygote.run(item.task, item.fds)
             except BaseException as e:  # noqa: B036 - a pool worker must survive anything
+                for fd in item.fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 res = _failure("sandbox_error", f"sandbox pool worker: {e!r}")
-            fut.set_result(res)
+            item.future.set_result(res)
         if zygote is not None:
             zygote.close()
 
     @property
     def uids(self) -> set[int]:
-        """The uids the pool's sandboxes run as now (one per worker; a replaced zygote gets a new one)."""
-        return {z.uid for z in self._zygotes.values()}
+        """The uids the pool's sandboxes run as now (two per worker; a replaced zygote gets new ones)."""
+        return {uid for z in self._zygotes.values() for uid in z.uids}
+
+    def _submit(self, task: dict, fds: list[int] = ()) -> _Item:
+        if self._closed:
+            for fd in fds:
+                os.close(fd)
+            raise RuntimeError("SandboxPool is closed")
+        item = _Item(task, list(fds))
+        self._queue.put(item)
+        return item
 
     def submit(self, code: str, *, limits: SandboxLimits | None = None, stdin: str | None = None,
                files: dict[str, str] | None = None) -> concurrent.futures.Future:
-        if self._closed:
-            raise RuntimeError("SandboxPool is closed")
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((fut, _task(code, limits or self.limits, stdin, files)))
-        return fut
+        return self._submit(_task(code, limits or self.limits, stdin, files)).future
 
     def run(self, code: str, **kw) -> SandboxResult:
         return self.submit(code, **kw).result()
@@ -317,6 +401,35 @@ class SandboxPool:
 
     async def arun(self, code: str, **kw) -> SandboxResult:
         return await asyncio.wrap_future(self.submit(code, **kw))
+
+    def submit_check(self, check: dict, *, limits: SandboxLimits | None = None) -> concurrent.futures.Future:
+        """A check: the solution and its tests in two sandboxed processes (``spogw/runtime/zygote/check.py``)."""
+        return self._submit(_check_task(check, limits or self.limits)).future
+
+    def check(self, check: dict, **kw) -> SandboxResult:
+        return self.submit_check(check, **kw).result()
+
+    def map_checks(self, checks: Iterable[dict], **kw) -> list[SandboxResult]:
+        return [f.result() for f in [self.submit_check(c, **kw) for c in checks]]
+
+    async def acheck(self, check: dict, **kw) -> SandboxResult:
+        return await asyncio.wrap_future(self.submit_check(check, **kw))
+
+    async def arun_entry(self, entry: str, payload: dict, **kw) -> SandboxResult:
+        """``run_entry`` in a warm zygote of this pool (make the pool with ``SandboxPool.for_entry``)."""
+
+        def start(task: dict, fds: list[int]):
+            item = self._submit(task, fds)
+            return item.future, item.cancel
+
+        return await _entry(start, entry, payload, **kw, default_limits=self.limits)
+
+    @classmethod
+    def for_entry(cls, entry: str, workers: int, limits: SandboxLimits | None = None, **kw) -> SandboxPool:
+        """A pool whose children can import ``entry`` (its package bound in, its module preloaded), started lazily."""
+        module = entry.rpartition(":")[0]
+        preload = () if module.endswith(".py") else (module,)
+        return cls(workers, limits, expose=entry_paths(entry), preload=preload, lazy=True, **kw)
 
     def close(self) -> None:
         if self._closed:
@@ -348,159 +461,57 @@ async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awai
     answered by ``await handler(request)`` here; a handler exception reaches the child as RuntimeError. Requests
     beyond ``max_in_flight`` wait in the pipe (back-pressure); a frame over ``max_message_bytes``, a garbage frame or
     more than ``max_requests`` requests ends the child with status 'protocol'. Without a handler every request gets
-    an error reply. ``hide_paths``: as for run_program."""
-    limits = limits or SandboxLimits()
+    an error reply. The child sees the minimal root plus the entry's own package or file (``entry_paths``).
+    ``hide_paths``: as for run_program. Many entries: ``SandboxPool.for_entry(...).arun_entry``."""
     if ":" not in entry:
         raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
+    options = zygote_options(hide_paths, expose=entry_paths(entry))
+
+    def start(task: dict, fds: list[int]):
+        # a thread of its own, not the loop's default executor: its few threads are what the handler's own
+        # blocking work (a response cache's sqlite, say) needs while many entries wait on their zygotes
+        holder: dict[str, _Zygote] = {}
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(_once(task, options, fds, started=lambda z: holder.update(z=z)))
+            except BaseException as e:  # noqa: B036 - delivered to the awaiting caller
+                future.set_exception(e)
+
+        threading.Thread(target=work, name="sandbox-run-entry", daemon=True).start()
+        return future, lambda: holder["z"].cancel() if "z" in holder else None
+
+    return await _entry(start, entry, payload, handler=handler, limits=limits, max_message_bytes=max_message_bytes,
+                        max_requests=max_requests, max_in_flight=max_in_flight)
+
+
+async def _entry(start, entry: str, payload: dict, *, handler=None, limits: SandboxLimits | None = None,
+                 max_message_bytes: int = 8 << 20, max_requests: int = 10_000, max_in_flight: int = 64,
+                 default_limits: SandboxLimits | None = None) -> SandboxResult:
+    from spogw.runtime.sandbox_rpc import RpcSession
+
+    if ":" not in entry:
+        raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
+    limits = limits or default_limits or SandboxLimits()
     c2p_r, c2p_w = os.pipe()  # child -> parent requests
     p2c_r, p2c_w = os.pipe()  # parent -> child replies
+    task = {"kind": "entry", "entry": entry, "payload": payload, "limits": asdict(limits),
+            "max_message_bytes": max_message_bytes}
     t0 = time.monotonic()
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *_zygote_argv("once", hide_paths), stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_child_env(),
-            pass_fds=(p2c_r, c2p_w), cwd="/",
-        )
-    finally:
-        os.close(p2c_r)
-        os.close(c2p_w)
-    session = _RpcSession(proc, c2p_r, p2c_w, (p2c_r, c2p_w), handler, max_message_bytes, max_requests,
-                          max_in_flight)
+        future, cancel = start(task, [p2c_r, c2p_w])  # the child's ends travel to the zygote and are closed there
+    except BaseException:
+        for fd in (c2p_r, p2c_w):
+            os.close(fd)
+        raise
+    session = RpcSession(c2p_r, p2c_w, handler, max_message_bytes, max_requests, max_in_flight)
+    wait = _Zygote.START_TIMEOUT_S + limits.wall_s + _Zygote.GRACE_S
     try:
-        return await session.run(entry, payload, limits, t0)
-    finally:
-        await session.close()
-
-
-class _RpcSession:
-    """The parent's side of one run_entry: the zygote's control pipe plus the child's request/reply pipes."""
-
-    def __init__(self, proc, c2p_r: int, p2c_w: int, child_fds: tuple[int, int], handler, cap: int,
-                 max_requests: int, max_in_flight: int):
-        self.proc, self.c2p_r, self.p2c_w, self.handler = proc, c2p_r, p2c_w, handler
-        self.child_fds = child_fds  # the fd numbers the zygote inherited (pass_fds keeps numbers)
-        self.cap, self.max_requests = cap, max_requests
-        self.in_flight = asyncio.Semaphore(max_in_flight)
-        self.tasks: set[asyncio.Task] = set()
-        self.violation: str | None = None
-        self.requests = 0
-        self.write_lock = asyncio.Lock()
-        self.protections: dict[str, str] = {}
-
-    async def run(self, entry: str, payload: dict, limits: SandboxLimits, t0: float) -> SandboxResult:
-        loop = asyncio.get_running_loop()
-        try:
-            hello = await asyncio.wait_for(_aread_frame(self.proc.stdout), _Zygote.START_TIMEOUT_S)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
-            return _failure("sandbox_error", f"sandbox zygote failed to start: {e!r}", time.monotonic() - t0)
-        if not hello.get("ready"):
-            return _failure("sandbox_error", f"sandbox zygote failed to start: {hello.get('error')}")
-        self.protections = hello["protections"]
-        task = {"code": None, "limits": asdict(limits), "entry": entry, "payload": payload,
-                "rpc": list(self.child_fds), "max_message_bytes": self.cap}
-        self.proc.stdin.write(_encode(task))
-        await self.proc.stdin.drain()
-        reader = loop.create_task(self._serve_requests())
-        result_task = loop.create_task(_aread_frame(self.proc.stdout))
-        try:
-            done, _ = await asyncio.wait({reader, result_task}, timeout=limits.wall_s + _Zygote.GRACE_S,
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and self.violation:
-                self.proc.stdin.close()  # the zygote kills the child on EOF and still reports its output
-            res = await asyncio.wait_for(result_task, timeout=limits.wall_s + _Zygote.GRACE_S)
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError) as e:
-            self._kill()
-            return _failure("sandbox_error", f"sandbox zygote lost: {e!r}", time.monotonic() - t0, self.protections)
-        finally:
-            reader.cancel()
-        result = _result(res, self.protections)
-        if self.violation:
-            result = replace(result, status="protocol", reason=f"{self.violation}; child killed")
-        return result
-
-    async def _serve_requests(self) -> None:
-        """Read request frames from the child; answer each in its own task (bounded by ``in_flight``)."""
-        reader = await _pipe_reader(self.c2p_r)
-        self.c2p_r = -1  # owned by the transport now
-        while True:
-            try:
-                head = await reader.readexactly(4)
-            except asyncio.IncompleteReadError:
-                return  # child gone
-            (n,) = struct.unpack(">I", head)
-            if n > self.cap:
-                self.violation = f"rpc frame of {n} bytes exceeds max_message_bytes={self.cap}"
-                return
-            try:
-                msg = json.loads(await reader.readexactly(n))
-                rid, request = msg["id"], msg["request"]
-            except (asyncio.IncompleteReadError, ValueError, KeyError, TypeError) as e:
-                self.violation = f"garbage on the rpc channel ({type(e).__name__})"
-                return
-            self.requests += 1
-            if self.requests > self.max_requests:
-                self.violation = f"more than max_requests={self.max_requests} rpc requests"
-                return
-            await self.in_flight.acquire()
-            t = asyncio.get_running_loop().create_task(self._answer(rid, request))
-            self.tasks.add(t)
-            t.add_done_callback(self.tasks.discard)
-
-    async def _answer(self, rid, request) -> None:
-        try:
-            if self.handler is None:
-                raise RuntimeError("no rpc handler in the parent")
-            reply = {"id": rid, "reply": await self.handler(request)}
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            reply = {"id": rid, "error": f"{type(e).__name__}: {e}"}
-        finally:
-            self.in_flight.release()
-        try:
-            data = _encode(reply)
-        except (TypeError, ValueError) as e:
-            data = _encode({"id": rid, "error": f"handler reply is not JSON: {e}"})
-        async with self.write_lock:
-            await asyncio.get_running_loop().run_in_executor(None, _write_all, self.p2c_w, data)
-
-    def _kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()  # the child dies with it (parent-death signal; it is pid 1 of its namespace)
-
-    async def close(self) -> None:
-        for t in list(self.tasks):
-            t.cancel()
-        if self.proc.returncode is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 2)
-            except asyncio.TimeoutError:
-                self._kill()
-                await self.proc.wait()
-        for fd in (self.c2p_r, self.p2c_w):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    try:
-        while data:
-            data = data[os.write(fd, data):]
-    except OSError:
-        pass  # the child is gone; its result says why
-
-
-async def _pipe_reader(fd: int) -> asyncio.StreamReader:
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 16)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
-    return reader
-
-
-async def _aread_frame(stream: asyncio.StreamReader, cap: int = 256 << 20) -> dict:
-    (n,) = struct.unpack(">I", await stream.readexactly(4))
-    if n > cap:
-        raise ValueError(f"zygote frame of {n} bytes exceeds {cap}")
-    return json.loads(await stream.readexactly(n))
+        result, violation = await session.run(asyncio.wrap_future(future), cancel, wait)
+    except asyncio.TimeoutError:
+        cancel()
+        return _failure("sandbox_error", "no result from the sandbox zygote", time.monotonic() - t0)
+    if violation:
+        result = replace(result, status="protocol", reason=f"{violation}; child killed")
+    return result
