@@ -276,6 +276,9 @@ def interpret(program: CheckProgram, outcome: Any) -> ScoreResult:
     elif fail_info:
         reason = _describe_failure(fail_info)
         details["failure"] = fail_info
+        solution = outcome.solution or {}
+        if solution.get("status") not in (None, "ok") and fail_info.get("error") == "SolutionError":
+            reason += f" (the solution's process: {solution['status']}: {solution.get('reason', '')})"
     else:
         reason = f"{outcome.status}: {outcome.reason}" if outcome.reason else outcome.status
     if not passed_all:
