@@ -174,6 +174,25 @@ def test_identical_requests_in_flight_are_sent_once(tmp_path):
     assert usage.calls == 6 and usage.cached_calls == 4
 
 
+def test_a_cancelled_caller_does_not_fail_the_identical_requests_that_joined_it(tmp_path):
+    """A workflow that times out cancels its executor call; the other workflows waiting on the same request must
+    get a real reply (they ask again), not a recorded failure that would make them infrastructure errors."""
+    with OpenAIStub(StubConfig(latency=0.3)) as stub:
+        cached = CachedExecutor(make(stub), tmp_path / "c.sqlite")
+
+        async def main():
+            first = asyncio.create_task(cached.chat([{"role": "user", "content": "same"}]))
+            await asyncio.sleep(0.05)
+            joiners = [asyncio.create_task(cached.chat([{"role": "user", "content": "same"}])) for _ in range(3)]
+            await asyncio.sleep(0.05)
+            first.cancel()
+            return await asyncio.gather(*joiners)
+
+        results = asyncio.run(main())
+    assert all(r.ok and r.text for r in results), [r.error for r in results]
+    assert cached.misses == 2  # the cancelled request, then one more for the three that waited
+
+
 def test_cached_usage_is_counted_apart():
     usage = Usage()
     usage.add(ChatResult("a", 10, 5, 0.5))

@@ -118,16 +118,21 @@ class CachedExecutor:
             self.hits += 1
             return hit
         slot = (id(asyncio.get_running_loop()), key)
-        pending = self._inflight.get(slot)
-        if pending is not None:
-            self.hits += 1
-            return dataclasses.replace(await asyncio.shield(pending), cached=True, latency_s=0.0)
+        while (pending := self._inflight.get(slot)) is not None:
+            joined = await asyncio.shield(pending)
+            if joined is not None:
+                self.hits += 1
+                return dataclasses.replace(joined, cached=True, latency_s=0.0)
+            # the caller that sent it was cancelled (its workflow timed out): ask again, ourselves
         future = asyncio.get_running_loop().create_future()
         self._inflight[slot] = future
         self.misses += 1
         try:
             result = await self.executor.chat(messages, temperature=temperature, max_tokens=max_tokens,
                                               run_index=run_index, repeat=repeat)
+        except asyncio.CancelledError:  # our caller gave up; that is no failure of the request for the others
+            future.set_result(None)
+            raise
         except BaseException as exc:  # the backend raised (it should not); joiners get a recorded failure
             future.set_result(ChatResult("", error=f"{type(exc).__name__}: {exc}"))
             raise
