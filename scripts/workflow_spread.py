@@ -58,8 +58,13 @@ async def run_benchmark(name: str, args, executor) -> dict:
     workflows.update(grammar_workflows(family))
     jobs = [(w, r) for w in workflows for r in records]
     start = time.perf_counter()
+    from spogw.runtime.sandbox import SandboxLimits
+
+    # long passages on a CPU server: a workflow of several calls may wait minutes for its turn
+    limits = SandboxLimits(wall_s=3600.0, cpu_s=120.0, memory_mb=1024)
     results, usage = await run_many([WorkflowJob(workflows[w], r.to_dict(), family) for w, r in jobs], executor,
-                                    concurrency=args.concurrency, temperature=0.0, max_tokens=args.max_tokens)
+                                    concurrency=args.concurrency, temperature=0.0, max_tokens=args.max_tokens,
+                                    limits=limits)
     checks = asyncio.Semaphore(2)
 
     async def score(record, result):
