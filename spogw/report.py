@@ -292,6 +292,13 @@ def report(run_dir: str, out_dir: str | None = None, figure2_from: str | None = 
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"run directory not found: {root}")
+    from spogw.report_learning import iterate_runs, learning_report
+
+    if iterate_runs(root):  # `spogw iterate` runs (one per seed): the learning report
+        summary = learning_report(root, out_dir, wandb=wandb)
+        out = Path(out_dir) if out_dir else root / "report"
+        print(f"-> {out / 'learning.md'}, {out / 'learning.png'}, {out / 'learning.json'}")
+        return {"figures": {"learning": out / "learning.png"}, "summary": out / "learning.md", "learning": summary}
     runs = find_runs(root)
     if not runs:
         raise ReportError(f"{root}: no run directory here (a run directory holds config.yaml, written by `spogw fit`)")
@@ -324,7 +331,9 @@ def report(run_dir: str, out_dir: str | None = None, figure2_from: str | None = 
     return {"figures": written, "summary": out / "summary.md", "rows": rows, "notes": notes}
 
 
-def _log_report(root: Path, figures: dict[str, Path], rows: list[dict]) -> None:
+def _log_report(root: Path, figures: dict[str, Path], rows: list[dict], columns: tuple[str, ...] | None = None,
+                kind: str = "report") -> None:
+    columns = columns or SUMMARY_COLUMNS
     from spogw.tracking import DEFAULT_PROJECT, say, wandb_mode
 
     try:
@@ -341,10 +350,9 @@ def _log_report(root: Path, figures: dict[str, Path], rows: list[dict]) -> None:
 
     try:
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), dir=str(root), job_type="report",
-                         name=f"report-{root.resolve().name}", mode=mode, reinit="create_new")
-        table = wandb.Table(columns=list(SUMMARY_COLUMNS),
-                            data=[[_fmt(r.get(c)) for c in SUMMARY_COLUMNS] for r in rows])
-        run.log({**{f"report/{k}": wandb.Image(str(p)) for k, p in figures.items()}, "report/summary": table})
+                         name=f"{kind}-{root.resolve().name}", mode=mode, reinit="create_new")
+        table = wandb.Table(columns=list(columns), data=[[_fmt(r.get(c)) for c in columns] for r in rows])
+        run.log({**{f"{kind}/{k}": wandb.Image(str(p)) for k, p in figures.items()}, f"{kind}/summary": table})
         run.finish()
     except Exception as e:  # noqa: BLE001 - the files are written; W&B is a copy
         say(f"W&B failed while logging the report ({type(e).__name__}: {e}); the files are in place")
