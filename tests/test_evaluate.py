@@ -60,7 +60,7 @@ def test_writes_table_one_and_resumes_without_redoing_work(tiny_model, records, 
     out = tmp_path / "eval"
     with OpenAIStub(StubConfig(responder=gold_responder(records))) as stub:
         kw = options(stub, tmp_path, generator=tiny_model, runs=2,
-                     generation=GenerationOptions(max_new_tokens=8, batch_size=4))
+                     generation=GenerationOptions(backend="transformers", max_new_tokens=8, batch_size=4))
         results = evaluate(BENCHES, **kw)
         calls = stub.requests
         lines = (out / "records.jsonl").read_text().splitlines()
