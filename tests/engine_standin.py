@@ -97,7 +97,10 @@ class StandIn:
             if guide.regex() == regex:
                 paths = guide.paths()
                 return guide.render(paths[seed % len(paths)], [f"Step {seed} with care."] * 8)
-        return "no such grammar"
+        if regex.startswith("(?:"):  # one step's choice: an alternation of escaped option heads
+            options = split_alternation(regex[3:-1])
+            return options[seed % len(options)][:4 * int(data.get("max_tokens", 4))]
+        return f"Step {seed} with care.\""  # an instruction and its closing quote
 
     def chat(self, data: dict) -> dict:
         last = data["messages"][-1]["content"]
@@ -105,6 +108,24 @@ class StandIn:
         return {"id": "chatcmpl-standin", "object": "chat.completion", "model": data["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": len(last.split()), "completion_tokens": len(text.split())}}
+
+
+def split_alternation(body: str) -> list[str]:
+    """The alternatives of ``a|b|c`` escaped as spogw.workflows.guide._escape does, unescaped."""
+    options, current, i = [], [], 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            current.append("\n" if body[i + 1] == "n" else body[i + 1])
+            i += 2
+            continue
+        if c == "|":
+            options.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+        i += 1
+    return options + ["".join(current)]
 
 
 async def serve(standin: StandIn, port: int) -> None:

@@ -39,12 +39,14 @@ def record(tmp_path, monkeypatch) -> Path:
 
 
 def test_generator_sends_token_ids_seeds_and_the_grammar_and_returns_n_in_order(tiny_model, tmp_path, record):
+    """guided="regex": one request per prompt carrying the whole grammar."""
     from spogw.models import load_tokenizer
     from spogw.workflows.guide import load_guide
     from spogw.workflows.parsing import parse_workflow
 
     with open_engine(options(), tiny_model, tmp_path) as engine:
         gen = make_generator(tiny_model, backend="engine", engine=engine)
+        gen.guided = "regex"
         assert isinstance(gen, Generator) and gen.identity == f"engine:{tiny_model}:bfloat16"
         arrived = []
         out = gen.generate(PROMPTS, n=3, temperature=0.8, top_p=0.9, max_new_tokens=64, seed=[10, 20], guide="code",
@@ -64,6 +66,45 @@ def test_generator_sends_token_ids_seeds_and_the_grammar_and_returns_n_in_order(
     for text in out[0] + out[1]:
         parse_workflow(text, family="code")
     assert gen.stats.generated_tokens > 0 and gen.stats.batch_sizes == [6]
+
+
+@pytest.mark.parametrize("family", ["code", "math", "qa"])
+def test_guided_segments_ask_only_for_choices_and_instructions(tiny_model, tmp_path, record, family):
+    """guided="segments" (the default): the client walks the grammar; requests carry a choice's alternation or an
+    instruction's pattern, the prompt grows by the forced text, and every result is in the grammar's language."""
+    import re
+
+    from spogw.models import load_tokenizer
+    from spogw.workflows.guide import SLOT_TEXT, load_guide
+    from spogw.workflows.parsing import parse_workflow
+
+    guide = load_guide(family)
+    with open_engine(options(), tiny_model, tmp_path) as engine:
+        gen = make_generator(tiny_model, backend="engine", engine=engine)
+        arrived = []
+        out = gen.generate(PROMPTS, n=4, temperature=1.0, max_new_tokens=1000, seed=[3, 4], guide=family,
+                           on_prompt=lambda i, texts: arrived.append(i))
+    assert sorted(arrived) == [0, 1] and [len(group) for group in out] == [4, 4]
+    pattern = re.compile(guide.regex())
+    for text in out[0] + out[1]:
+        assert pattern.fullmatch(text), text
+        parse_workflow(text, family=family)
+    assert len({t for group in out for t in group}) > 2  # different choices per row (seeded per request)
+    sent = requests(record, "/v1/completions")
+    slot = f'{SLOT_TEXT}{{1,{guide.slot_chars}}}"'
+    assert {b["structured_outputs"]["regex"] for b in sent if not b["structured_outputs"]["regex"].startswith("(?:")} \
+        == {slot}
+    assert all(b["n"] == 1 and b["max_tokens"] <= guide.slot_tokens + 1 for b in sent)
+    tok = load_tokenizer(tiny_model)
+    header = tok(guide.prefix, add_special_tokens=False)["input_ids"]
+    first = sent[0]["prompt"]
+    assert first[-len(header):] == header  # the forced header is prompt, not decoded
+    assert len({b["seed"] for b in sent}) == len(sent)
+    # a row cut off by max_new_tokens is left unfinished (and so fails validation), not padded into shape
+    with open_engine(options(), tiny_model, tmp_path) as engine:
+        short = make_generator(tiny_model, backend="engine", engine=engine).generate(
+            PROMPTS[:1], n=1, max_new_tokens=120, guide=family)[0][0]
+    assert not pattern.fullmatch(short)
 
 
 def test_adapters_are_loaded_at_run_time_and_requests_name_them(tiny_model, tmp_path, record):

@@ -11,8 +11,11 @@ completions stop at EOS and come back without special tokens, ``n`` per prompt i
 * **Adapters.** :meth:`ServerGenerator.set_adapter` loads a peft adapter at run time
   (``POST /v1/load_lora_adapter`` under a fresh name; the previous one is unloaded): the base model stays
   loaded, the server stays up, and the executor keeps using the base model meanwhile.
-* **Guided sampling.** ``guide=<family>`` sends the family grammar's regular expression
-  (:meth:`spogw.workflows.guide.Guide.regex`) as ``structured_outputs``, the same one the offline vLLM backend uses.
+* **Guided sampling.** ``guide=<family>`` walks the family's grammar and asks the server only for the choices
+  and instructions, each under a small structured-output regex, the forced text going in as prompt
+  (``guided="segments"``, :mod:`spogw.generation.guided_server`; several times fewer decoding steps), or sends
+  the whole grammar as one regex (``guided="regex"``, :meth:`spogw.workflows.guide.Guide.regex`, as the offline
+  vLLM backend does). Both write text of the same language.
 * **Seeds** are per prompt (``seed * 1_000_003 + i``, or a list), so a query draws the same samples whatever
   else is in flight (up to the engine's numerics).
 * **Failures** name the cause: a server that died (:class:`spogw.engine.EngineUnavailable` with its log's
@@ -37,8 +40,11 @@ class ServerGenerator:
     """All prompts of a call are in flight at once: callers hand it every query together."""
 
     def __init__(self, engine, adapter: str | None = None, *, max_prompt_tokens: int = 4096,
-                 max_rows_in_flight: int = 256, timeout_s: float = 1800.0, retries: int = 2):
-        self.engine = engine
+                 max_rows_in_flight: int = 256, timeout_s: float = 1800.0, retries: int = 2,
+                 guided: str = "segments"):
+        if guided not in ("segments", "regex"):
+            raise ValueError(f"`guided` must be segments or regex, got {guided!r}")
+        self.engine, self.guided = engine, guided
         self.model_name = engine.model_name
         self.max_prompt_tokens, self.max_rows_in_flight = max_prompt_tokens, max_rows_in_flight
         self.timeout_s, self.retries = timeout_s, retries
@@ -101,6 +107,9 @@ class ServerGenerator:
         if guide is not None:
             from spogw.workflows.guide import load_guide
 
+            if self.guided == "segments":
+                return self._generate_walks(ids, seeds, load_guide(guide), n, temperature, top_p, max_new_tokens,
+                                            on_batch, on_prompt)
             extra["structured_outputs"] = {"regex": load_guide(guide).regex()}
         bodies = [{"prompt": p, "n": n, "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0,
                    "max_tokens": max_new_tokens, "seed": s, "skip_special_tokens": True, **extra}
@@ -139,6 +148,62 @@ class ServerGenerator:
                 for task in tasks:
                     task.cancel()
         return texts, counts["tokens"]  # type: ignore[return-value]
+
+    def _generate_walks(self, ids, seeds, guide, n, temperature, top_p, max_new_tokens, on_batch,
+                        on_prompt) -> list[list[str]]:
+        start = time.perf_counter()
+        texts = asyncio.run(self._run_walks(ids, seeds, guide, n, temperature, top_p, max_new_tokens, on_batch,
+                                            on_prompt))
+        generated = sum(len(self._encode(t)) for group in texts for t in group)
+        self.stats.record(prompt_tokens=sum(len(p) for p in ids), generated_tokens=generated,
+                          seconds=time.perf_counter() - start, rows=len(ids) * n)
+        return texts
+
+    async def _run_walks(self, ids, seeds, guide, n, temperature, top_p, max_new_tokens, on_batch, on_prompt):
+        import aiohttp
+
+        from spogw.generation.guided_server import GuidedWalk
+
+        limit = asyncio.Semaphore(self.max_rows_in_flight)
+        rows: list[list[str | None]] = [[None] * n for _ in ids]
+        done = {"rows": 0}
+        sampling = {"n": 1, "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0,
+                    "skip_special_tokens": True}
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as session:
+            model = await self._sync_adapter(session)
+
+            async def walk_one(p: int, r: int) -> None:
+                walk, k = GuidedWalk(guide), 0
+                async with limit:
+                    while not walk.done:
+                        prompt = ids[p] + self._encode(walk.text)
+                        if len(prompt) - len(ids[p]) > max_new_tokens:
+                            break  # too long: left unfinished (invalid), as the other backends do
+                        regex, max_tokens = walk.request()
+                        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **sampling,
+                                "seed": (seeds[p] * 1_000_003 + r * 1009 + k) % 2**63,
+                                "structured_outputs": {"regex": regex}}
+                        text, _ = _read(await self._post(session, "/completions", body), 1)
+                        walk.take(text[0])
+                        k += 1
+                rows[p][r] = walk.text
+                done["rows"] += 1
+                if on_batch is not None:
+                    on_batch(done["rows"], len(ids) * n)
+                if on_prompt is not None and all(t is not None for t in rows[p]):
+                    on_prompt(p, rows[p])
+
+            tasks = [asyncio.ensure_future(walk_one(p, r)) for p in range(len(ids)) for r in range(n)]
+            try:
+                await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:
+                    task.cancel()
+        return rows
+
+    def _encode(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
 
     async def _post(self, session, path: str, body: dict, *, expect_json: bool = True, quiet: bool = False):
         """POST to the server; connection failures and 5xx are retried ``retries`` times unless the server died."""
