@@ -16,7 +16,9 @@ Behaviour from the environment (to stage the failures spogw must survive):
 * ``STANDIN_BIND_PORT=P`` — binds port P instead of ``--port`` (a test holds P: the real "address in use");
 * ``STANDIN_DIE_AFTER=N`` — the whole group dies (SIGKILL) on the N-th completion request;
 * ``STANDIN_GARBAGE=1`` — completion requests get a 200 whose body is not a completion;
-* ``STANDIN_RECORD=path`` — every request (path and JSON body) appended to ``path`` as a JSON line.
+* ``STANDIN_RECORD=path`` — every request (path and JSON body) appended to ``path`` as a JSON line;
+* ``STANDIN_SOLUTIONS=dir`` — chat replies to a code request are the HumanEval (AFlow files in ``dir``) solution
+  of the function asked for when the prompt carries a plan ("Plan:"), a wrong function otherwise.
 """
 
 from __future__ import annotations
@@ -104,10 +106,28 @@ class StandIn:
 
     def chat(self, data: dict) -> dict:
         last = data["messages"][-1]["content"]
-        text = f"echo from {data['model']}: {last[:60]}"
+        text = self.solve(last) or f"echo from {data['model']}: {last[:60]}"
         return {"id": "chatcmpl-standin", "object": "chat.completion", "model": data["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": len(last.split()), "completion_tokens": len(text.split())}}
+
+
+    _solutions: dict | None = None
+
+    def solve(self, prompt: str) -> str | None:
+        folder = os.environ.get("STANDIN_SOLUTIONS")
+        if not folder:
+            return None
+        if self._solutions is None:
+            from spogw.benchmarks import load_benchmark
+
+            self._solutions = {r.entry_point: r.answer for r in load_benchmark("humaneval", "train", data_dir=folder)}
+        entry = next((ep for ep in self._solutions if f"def {ep}(" in prompt or f"`{ep}`" in prompt), None)
+        if entry is None:
+            return None
+        if "Plan:" in prompt:
+            return f"```python\n{self._solutions[entry]}\n```"
+        return f"```python\ndef {entry}(*args, **kwargs):\n    return None\n```"
 
 
 def split_alternation(body: str) -> list[str]:
