@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# as `make` exports for every target: OpenMP threads that spin while they wait made torch several times slower
+# whenever another process shared the cores (it is set before torch loads, for both sides and the server)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 GOALS = {"spogw / raw": 0.85, "spogw / local": 5.0, "generator": 4 * 83.0}
 
 
