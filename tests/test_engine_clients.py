@@ -130,8 +130,9 @@ def test_adapters_are_loaded_at_run_time_and_requests_name_them(tiny_model, tmp_
 
 def test_a_server_dying_mid_call_is_named_then_restarted_once(tiny_model, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("STANDIN_DIE_AFTER", "2")
+    adapter = write_adapter(tmp_path / "adapter")
     with open_engine(options(), tiny_model, tmp_path) as engine:
-        gen = make_generator(tiny_model, backend="engine", engine=engine)
+        gen = make_generator(tiny_model, adapter, backend="engine", engine=engine)
         with pytest.raises(EngineUnavailable, match=r"died \(killed by SIGKILL") as err:
             gen.generate(PROMPTS * 3, n=2, max_new_tokens=8)
         assert "EngineCore died (staged)" in str(err.value)  # the log's tail
@@ -139,7 +140,8 @@ def test_a_server_dying_mid_call_is_named_then_restarted_once(tiny_model, tmp_pa
         monkeypatch.setenv("STANDIN_DIE_AFTER", "0")
         engine.recover(str(err.value))
         assert engine.available and engine.pid != dead and engine.restarts == 1
-        assert len(gen.generate(PROMPTS, n=2, max_new_tokens=8)) == 2
+        again = gen.generate(PROMPTS, n=2, max_new_tokens=8)  # the new server gets the adapter loaded again
+        assert len(again) == 2 and "adapter-2" in again[0][0]
         engine.stop()  # a second death falls back instead of restarting
         engine.recover("the vLLM server died again")
         assert not engine.available and make_generator(tiny_model, backend="engine", engine=engine).identity.startswith(
