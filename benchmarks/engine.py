@@ -7,8 +7,10 @@ One vLLM server is started by spogw (``spogw.engine``, bfloat16 unless ``--dtype
    * *raw engine*: bare aiohttp POSTs to the server's /v1/chat/completions, c in flight, no parsing beyond usage;
    * *spogw*: ``make_executor(kind=engine)`` (the ``openai`` client through spogw's executor, its retries and
      accounting; no response cache) with the same requests, c in flight;
-   rounds alternate the two sides and swap their halves of the prompts (prefix caching helps both alike);
-   * *today's local executor* (transformers float32, batches of 16, the old default) on a subset, server idle.
+   raw and spogw swap their halves of the prompts every round (prefix caching helps both alike);
+   * *today's local executor* (transformers float32, batches of 16, the old default) on ``--local-requests``
+     other requests per round (the server idles meanwhile);
+   the three sides run in a rotating order each round, so that the machine's load hits them alike.
    Goals: spogw ≥ 0.85 × raw engine, and ≥ 5 × today's local executor.
 2. **Generator**, guided sampling of the quickstart's workload (``--queries`` HumanEval training queries × m,
    the quickstart's prompt and grammar, temperature 0.8): the engine's server generator (every query in flight)
@@ -85,53 +87,41 @@ async def spogw_side(executor, chats, max_tokens: int) -> tuple[int, float]:
 
 def executor_part(engine, args) -> dict[str, float]:
     from spogw.evaluate import ExecutorOptions, make_executor
+    from spogw.runtime.executor import LocalExecutor
 
     chats = executor_chats(args.requests * 2)
     halves = [chats[::2], chats[1::2]]
-    totals = {"raw engine": [0, 0.0], "spogw": [0, 0.0]}
+    local_chats = executor_chats(args.local_requests * args.rounds, limit_offset=7)
+    totals = {"raw engine": [0, 0.0], "spogw": [0, 0.0], "local (today)": [0, 0.0]}
     options = ExecutorOptions(kind="engine", concurrency=args.concurrency, cache=None)
+    local = LocalExecutor("embedded", max_batch=16, dtype="float32")
+    local._load()
 
-    async def warm() -> None:
-        await raw_side(engine.url, executor_chats(4, 50), 4, 8)
+    async def timed(executor, batch) -> tuple[int, float]:
+        try:
+            return await spogw_side(executor, batch, args.max_tokens)
+        finally:
+            await executor.aclose()
 
-    asyncio.run(warm())
+    asyncio.run(raw_side(engine.url, executor_chats(4, 50), 4, 8))  # warm-up, untimed
+    names = list(totals)
     for round_ in range(args.rounds):
-        order = ["raw engine", "spogw"] if round_ % 2 == 0 else ["spogw", "raw engine"]
-        for side, half in zip(order, halves if round_ % 2 == 0 else halves[::-1], strict=True):
-            async def run(side=side, half=half):
-                if side == "raw engine":
-                    return await raw_side(engine.url, half, args.concurrency, args.max_tokens)
-                executor = make_executor(options, Path(tempfile.mkdtemp()), engine)
-                try:
-                    return await spogw_side(executor, half, args.max_tokens)
-                finally:
-                    await executor.aclose()
-
-            tokens, seconds = asyncio.run(run())
+        # the three sides in a rotating order; raw and spogw swap their halves of the requests every round
+        for k in range(len(names)):
+            side = names[(k + round_) % len(names)]
+            if side == "raw engine":
+                run = raw_side(engine.url, halves[round_ % 2], args.concurrency, args.max_tokens)
+            elif side == "spogw":
+                run = timed(make_executor(options, Path(tempfile.mkdtemp()), engine), halves[(round_ + 1) % 2])
+            else:
+                batch = local_chats[round_ * args.local_requests:(round_ + 1) * args.local_requests]
+                run = timed(local, batch)
+            tokens, seconds = asyncio.run(run)
             totals[side][0] += tokens
             totals[side][1] += seconds
-            print(f"  executor round {round_ + 1}, {side:10s}: {tokens:6d} tokens in {seconds:6.1f} s = "
+            print(f"  executor round {round_ + 1}, {side:13s}: {tokens:6d} tokens in {seconds:6.1f} s = "
                   f"{tokens / seconds:6.1f} tok/s", flush=True)
-    rates = {side: t / s for side, (t, s) in totals.items()}
-    rates["local (today)"] = local_side(chats[:args.local_requests], args.max_tokens)
-    return rates
-
-
-def local_side(chats, max_tokens: int) -> float:
-    from spogw.runtime.executor import LocalExecutor
-
-    executor = LocalExecutor("embedded", max_batch=16, dtype="float32")
-    executor._load()
-
-    async def run():
-        start = time.perf_counter()
-        replies = await asyncio.gather(*(executor.chat(chat, max_tokens=max_tokens) for chat in chats))
-        return sum(r.completion_tokens for r in replies), time.perf_counter() - start
-
-    tokens, seconds = asyncio.run(run())
-    print(f"  executor, local transformers float32 batch 16: {tokens} tokens in {seconds:.1f} s = "
-          f"{tokens / seconds:.1f} tok/s", flush=True)
-    return tokens / seconds
+    return {side: t / s for side, (t, s) in totals.items()}
 
 
 def generator_part(engine, args) -> dict[str, float]:
@@ -200,7 +190,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=96, help="executor requests per side and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=192)
-    parser.add_argument("--local-requests", type=int, default=32)
+    parser.add_argument("--local-requests", type=int, default=16, help="local executor requests per round")
     parser.add_argument("--queries", type=int, default=8, help="generator queries per side (two rounds of half)")
     parser.add_argument("--m", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=448)

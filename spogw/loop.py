@@ -320,7 +320,10 @@ def _score_stage(it: Path, k: int, records, executor: ExecutorOptions, engine, r
             stats = score(it / "samples.jsonl", it / "scored.jsonl", records,
                           executor=lambda: make_executor(executor, root, engine), runs=runs, partial=partial_credit,
                           concurrency=executor.concurrency, temperature=executor.temperature,
-                          max_tokens=executor.max_tokens, progress=update)
+                          max_tokens=executor.max_tokens, progress=update,
+                          # large chunks keep a server's batch full (each chunk's tail drains it); a kill loses at
+                          # most a chunk's lines, and their executor replies are in the cache
+                          chunk_size=max(64, 4 * executor.concurrency))
         finally:
             bar.close()
         if attempt == 0 and stats.get("retry") and engine is not None and engine.available and not engine.alive():

@@ -184,10 +184,13 @@ def test_a_run_dir_from_another_config_is_refused(tmp_path):
 
 
 def test_bad_fit_settings_fail_before_sampling(tmp_path):
+    from spogw.evaluate import ExecutorOptions
     from spogw.loop import iterate
+    from spogw.sampling import SamplingOptions
 
     with pytest.raises(ValueError, match="--model.beta"):
-        iterate("humaneval", run_dir=str(tmp_path / "run"),
+        iterate("humaneval", run_dir=str(tmp_path / "run"), executor=ExecutorOptions(kind="local"),
+                sampling=SamplingOptions(backend="transformers"),
                 fit_config=str(REPO / "configs" / "fit" / "quickstart.yaml"), fit_args=["--model.beta", "-1"],
                 data_dir=str(AFLOW), train_limit=1)
     assert not (tmp_path / "run" / "iter-1").exists()
