@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spogw.backends import ExecutorOptions
 from spogw.console import read_progress, stage_bar
 from spogw.engine.options import EngineOptions
-from spogw.evaluate import ExecutorOptions
 from spogw.sampling import SamplingOptions
 from spogw.scoring import check_complete
 
@@ -185,8 +185,8 @@ def iterate(
     Returns:
         A summary: per-iteration statistics and, if evaluated, the evaluation's results.
     """
+    from spogw.backends import engines_for
     from spogw.console import quiet_libraries
-    from spogw.evaluate import engines_for
 
     # YAML turns `[--model.lr, 1e-3]` into a number: flags are text again here
     fit_args = [str(a).lower() if isinstance(a, bool) else str(a) for a in fit_args]
@@ -306,8 +306,8 @@ def _score_stage(it: Path, k: int, records, executor: ExecutorOptions, engine, r
                  partial_credit: bool) -> dict[str, Any]:
     """The score stage of iteration k (skipped when finished). Workflows the executor could not score are redone
     once after recovering a dead engine; any left stop the run with a message (ScoringIncomplete)."""
+    from spogw.backends import make_executor
     from spogw.console import stage_bar
-    from spogw.evaluate import make_executor
     from spogw.scoring import score
 
     stats_path = it / "scored.json"
@@ -372,7 +372,7 @@ def _log_stage(stage: str, stats: dict, artifact: Path | None, root: Path, k: in
 
 
 def _eval_generation(sampling: SamplingOptions):
-    from spogw.evaluate import GenerationOptions
+    from spogw.backends import GenerationOptions
 
     return GenerationOptions(backend=sampling.backend, max_new_tokens=sampling.max_new_tokens,
                              batch_size=sampling.batch_size, dtype=sampling.dtype, guided=sampling.guided,

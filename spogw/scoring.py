@@ -230,8 +230,8 @@ def score_stage(
     """
     import json
 
+    from spogw.backends import engines_for, make_executor
     from spogw.benchmarks import load_benchmark
-    from spogw.evaluate import engines_for, make_executor
 
     records = load_benchmark(benchmark, split, data_dir=data_dir)
     with engines_for(executor, "none", None, engine, Path(out).parent) as (eng, _):

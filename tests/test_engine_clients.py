@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_engine import REPO, STANDIN, group_members, options, registry  # noqa: F401 - registry is a fixture
 
+from spogw.backends import ExecutorOptions, make_executor
 from spogw.engine import EngineUnavailable, open_engine
-from spogw.evaluate import ExecutorOptions, make_executor
 from spogw.generation import Generator, make_generator
 
 PROMPTS = [[{"role": "user", "content": "Write a workflow."}], [{"role": "user", "content": "Another one."}]]

@@ -168,7 +168,7 @@ def test_quickstart_config_parses():
     parser.add_function_arguments(evaluate)
     cfg = parser.parse_path(str(Path(__file__).resolve().parents[1] / "configs" / "evaluate_quickstart.yaml"))
     assert cfg.benchmarks == ["humaneval"] and cfg.runs == 1 and len(cfg.baselines) == 6
-    assert cfg.executor.kind == "local" and cfg.generator == "embedded"
+    assert cfg.executor.kind == "engine" and cfg.generator == "embedded"
 
 
 def test_the_cli_runs_the_stage_from_flags(records, tmp_path):
