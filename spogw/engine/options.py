@@ -29,8 +29,10 @@ class EngineOptions:
     max_lora_rank: int = 16
     """Highest LoRA rank the generator's adapters may have (vLLM allows 1, 8, 16, 32, 64, 128, 256, ...)."""
     threads: str = "all"
-    """CPU cores the server computes on (VLLM_CPU_OMP_THREADS_BIND): all = every core this process may use, or a
-    list such as 0-3. vLLM's own default computes on one core of two."""
+    """CPU cores the server computes on: all = one compute thread per core this process may use, not pinned
+    (VLLM_CPU_OMP_THREADS_BIND=nobind); pin = the same threads pinned to those cores; or a core list such as 0-3
+    (pinned). vLLM's own default computes on one core of two. Pinning is fast on a machine of its own and ruinous
+    on a shared one: beside another pinned vLLM, a pinned server here took 719 s to start instead of 118 s."""
     startup_timeout_s: float = 900.0
     """How long to wait for the server to answer before giving up (start-up is ~40-200 s on 2 CPU cores)."""
     reuse: bool = True

@@ -8,7 +8,8 @@ taken, vLLM missing, an exit status) with the log's tail. Its settings:
 * a free loopback port (or ``--engine.port``; a taken one is refused before anything starts);
 * the KV cache sized from the memory available at start (``--kv-cache-memory-bytes``, 20 % of it, 1-4 GiB),
   because vLLM's default asks for 92 % of the host's RAM on a CPU and refuses to start on a shared machine;
-* every core bound (``VLLM_CPU_OMP_THREADS_BIND``; vLLM's default computes on one of two);
+* every core computing (one thread per core, not pinned: ``VLLM_CPU_OMP_THREADS_BIND=nobind``; vLLM's default
+  computes on one core of two, and pinned threads starve beside another process pinned to the same cores);
 * an explicit dtype (recorded by :meth:`EngineServer.record`);
 * runtime LoRA loading (``--enable-lora``, ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``) for the generator's adapters;
 * no chunked prefill: vLLM 0.32's CPU runner crashes when a *seeded* request's prefill is split
@@ -121,7 +122,9 @@ class EngineServer:
     # -- the command ---------------------------------------------------------------------------------
 
     def _threads(self) -> str:
-        return proc_.cpu_list() if self.options.threads == "all" else self.options.threads
+        """VLLM_CPU_OMP_THREADS_BIND: ``nobind`` for all (unpinned), the core list for pin, or the user's list."""
+        threads = self.options.threads
+        return "nobind" if threads == "all" else proc_.cpu_list() if threads == "pin" else threads
 
     def _kv_bytes(self) -> int:
         if self.options.kv_cache_gib is not None:
@@ -151,6 +154,8 @@ class EngineServer:
                "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if not self.gpu:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._threads()
+            if self._threads() == "nobind":  # one compute thread per core, left to the OS scheduler
+                env["OMP_NUM_THREADS"] = str(len(proc_.cpu_list().split(",")))
         return env
 
     def _fingerprint(self, command: list[str]) -> str:
@@ -192,7 +197,7 @@ class EngineServer:
             "owner": os.getpid(), "owner_started": proc_.start_time(os.getpid()), "log": str(self.log_path),
             "model": self.model_name, "dtype": self.options.dtype, "command": command,
             "kv_cache_bytes": self.kv_cache_bytes})
-        cores = f"cores {self._threads()}" if not self.gpu else "GPU"
+        cores = "GPU" if self.gpu else f"threads {self.options.threads} ({self._threads()})"
         kv = f", {self.kv_cache_bytes / 2**30:.1f} GiB KV cache" if self.kv_cache_bytes else ""
         say(f"starting vLLM ({self.options.dtype}{kv}, {cores}) on port {self.port}; log: {self.log_path}")
         return self
