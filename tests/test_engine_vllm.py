@@ -49,15 +49,15 @@ def test_guided_samples_through_a_runtime_adapter_are_valid_workflows(engine, tm
     question = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
     prompts = [generator_messages("code", question), generator_messages("code", "def neg(x):\n    return -x\n")]
     base = gen.generate(prompts, n=1, max_new_tokens=600, guide="code")
+    plain = gen.generate(CHATS, max_new_tokens=12)
     gen.set_adapter(make_adapter(tmp_path / "adapter", seed=1))
+    assert gen.generate(CHATS, max_new_tokens=12) != plain  # the adapter is in use
     sampled = gen.generate(prompts, n=4, temperature=1.0, top_p=0.95, max_new_tokens=600, seed=0, guide="code")
-    tuned = gen.generate(prompts, n=1, max_new_tokens=600, guide="code")
     pattern = re.compile(load_guide("code").regex())
-    for text in [t for group in sampled + base + tuned for t in group]:
+    for text in [t for group in sampled + base for t in group]:
         assert pattern.fullmatch(text), text
         parse_workflow(text, family="code")
     assert all(len(set(group)) > 1 for group in sampled)
-    assert tuned != base  # the adapter is in use
     assert gen.generate(prompts, n=4, temperature=1.0, top_p=0.95, max_new_tokens=600, seed=0, guide="code") == sampled
 
 
