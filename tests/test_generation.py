@@ -46,7 +46,7 @@ def test_bad_adapter_and_sampling_options_fail_clearly(tiny_model, tmp_path):
                          ({"max_new_tokens": 0}, "`max_new_tokens`")):
         with pytest.raises(ValueError, match=flag):
             gen.generate(PROMPTS, **kwargs)
-    with pytest.raises(ValueError, match="`--generation.backend` must be transformers or vllm"):
+    with pytest.raises(ValueError, match="`--generation.backend` must be one of transformers, engine, vllm"):
         make_generator(tiny_model, backend="tgi")
 
 

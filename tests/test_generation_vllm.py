@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from spogw.generation import Generator
-from spogw.generation_vllm import VLLMGenerator, adapter_rank
+from spogw.generation.base import adapter_rank
+from spogw.generation.vllm_offline import VLLMGenerator
 
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None,

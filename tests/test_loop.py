@@ -56,7 +56,7 @@ def write_config(tmp_path: Path, writer: str, base_url: str, *, iterations: int 
                      "--trainer.enable_model_summary", "false", "--model.lr", "1e-3",
                      "--data.max_prompt_tokens", "64", "--data.max_completion_tokens", "96"],
         "sampling": {"m": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 140, "max_resample": 1,
-                     "batch_size": 4, "prompt_file": str(prompt)},
+                     "batch_size": 4, "prompt_file": str(prompt), "backend": "transformers"},
         "executor": {"kind": "openai", "model": "stub", "base_url": base_url, "api_key_env": "STUB_KEY",
                      "concurrency": 8, "max_tokens": 256},
         "runs": 1, "data_dir": str(AFLOW), "train_limit": 3,
@@ -184,10 +184,13 @@ def test_a_run_dir_from_another_config_is_refused(tmp_path):
 
 
 def test_bad_fit_settings_fail_before_sampling(tmp_path):
+    from spogw.evaluate import ExecutorOptions
     from spogw.loop import iterate
+    from spogw.sampling import SamplingOptions
 
     with pytest.raises(ValueError, match="--model.beta"):
-        iterate("humaneval", run_dir=str(tmp_path / "run"),
+        iterate("humaneval", run_dir=str(tmp_path / "run"), executor=ExecutorOptions(kind="local"),
+                sampling=SamplingOptions(backend="transformers"),
                 fit_config=str(REPO / "configs" / "fit" / "quickstart.yaml"), fit_args=["--model.beta", "-1"],
                 data_dir=str(AFLOW), train_limit=1)
     assert not (tmp_path / "run" / "iter-1").exists()

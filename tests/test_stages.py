@@ -18,6 +18,7 @@ def test_a_generator_without_valid_workflows_is_a_clear_error_and_nothing_is_los
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["sample", "--benchmark", "humaneval", "--out", str(samples), "--generator", tiny_model,
                   "--data_dir", str(AFLOW), "--limit", "2", "--sampling.m", "3", "--sampling.max_new_tokens", "8",
+                  "--sampling.backend", "transformers",
                   "--sampling.max_resample", "1"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
@@ -44,6 +45,7 @@ def test_an_unreachable_executor_is_a_clear_error_and_a_rerun_redoes_only_those(
     samples = tmp_path / "samples.jsonl"
     cli_main(["sample", "--benchmark", "humaneval", "--out", str(samples), "--generator", tiny_model,
               "--data_dir", str(AFLOW), "--limit", "1", "--sampling.m", "2", "--sampling.guided", "true",
+              "--sampling.backend", "transformers",
               "--sampling.max_new_tokens", "600"])
     assert all(s["valid"] for s in read_jsonl_tolerant(samples))
     capsys.readouterr()

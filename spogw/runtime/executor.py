@@ -1,6 +1,7 @@
 """Executor backends: the LLM that runs workflows, behind one small async interface (DESIGN §4).
 
-* :class:`OpenAIExecutor` — any OpenAI-compatible endpoint (OpenAI, ``vllm serve``, ...) through
+* :class:`OpenAIExecutor` — any OpenAI-compatible endpoint (OpenAI, the run's vLLM server from
+  :mod:`spogw.engine`, ...) through
   ``openai.AsyncOpenAI``. Retries on 408/409/429/5xx, connection errors and timeouts, with
   exponential backoff and ``Retry-After``, are the client's own (``max_retries``, ``timeout``);
   what we add is a concurrency bound, cost accounting, and a *recorded* final failure: ``chat``
@@ -130,16 +131,20 @@ class OpenAIExecutor:
     call than httpx at high concurrency). ``transport="lean"`` speaks the same protocol over bare
     aiohttp with the same retry policy (:class:`_LeanClient`): ~4x less CPU per call, which matters
     when one event loop keeps 64+ calls in flight on a small CPU (benchmarks/executor_throughput.py).
+    ``identity`` (default ``openai:<model>``) keys the response cache: the engine passes model and dtype.
     """
 
     def __init__(self, base_url: str | None = None, model: str = "gpt-4o-mini", *,
                  api_key_env: str = "OPENAI_API_KEY", concurrency: int = 64, timeout_s: float = 60.0,
                  max_retries: int = 4, price_in_per_m: float = 0.0, price_out_per_m: float = 0.0,
-                 extra_body: dict | None = None, transport: str = "openai", http_backend: str = "auto"):
+                 extra_body: dict | None = None, transport: str = "openai", http_backend: str = "auto",
+                 identity: str | None = None):
         if concurrency < 1:
             raise ValueError(f"`concurrency` must be >= 1, got {concurrency}")
         if timeout_s <= 0:
             raise ValueError(f"`timeout_s` must be > 0, got {timeout_s}")
+        if max_retries < 0:
+            raise ValueError(f"`max_retries` must be >= 0, got {max_retries}")
         self.base_url, self.model = base_url, model
         self.api_key_env = api_key_env
         self.concurrency, self.timeout_s, self.max_retries = concurrency, timeout_s, max_retries
@@ -150,7 +155,7 @@ class OpenAIExecutor:
         if http_backend not in ("auto", "aiohttp", "httpx"):
             raise ValueError(f"`http_backend` must be auto, aiohttp or httpx, got {http_backend!r}")
         self.transport, self.http_backend = transport, http_backend
-        self.identity = f"openai:{model}"
+        self.identity = identity or f"openai:{model}"
         self._per_loop: dict[int, tuple[Any, asyncio.Semaphore, asyncio.AbstractEventLoop]] = {}
 
     def _api_key(self) -> str:

