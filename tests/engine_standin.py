@@ -84,10 +84,21 @@ class StandIn:
         n, seed = int(data.get("n", 1)), int(data.get("seed") or 0)
         regex = (data.get("structured_outputs") or {}).get("regex")
         texts = [self.text(regex, seed + i, data) for i in range(n)]
+        choices = [{"index": i, "text": t, "finish_reason": "stop"} for i, t in enumerate(texts)]
+        if data.get("return_token_ids"):  # as vLLM: the sampled ids (here: the text's, in SmolLM2's vocabulary)
+            for c in choices:
+                c["token_ids"] = self.tokenizer()(c["text"], add_special_tokens=False)["input_ids"]
         return {"id": "cmpl-standin", "object": "text_completion", "model": data["model"],
-                "choices": [{"index": i, "text": t, "finish_reason": "stop"} for i, t in enumerate(texts)][::-1],
+                "choices": choices[::-1],
                 "usage": {"prompt_tokens": len(data["prompt"]),
                           "completion_tokens": sum(len(t.split()) for t in texts)}}
+
+    def tokenizer(self):
+        if not hasattr(self, "_tokenizer"):
+            from spogw.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer("embedded")
+        return self._tokenizer
 
     def text(self, regex: str | None, seed: int, data: dict) -> str:
         if regex is None:

@@ -100,6 +100,21 @@ def test_guided_segments_ask_only_for_choices_and_instructions(tiny_model, tmp_p
     first = sent[0]["prompt"]
     assert first[-len(header):] == header  # the forced header is prompt, not decoded
     assert len({b["seed"] for b in sent}) == len(sent)
+    # the workflow carries the tokens the model saw: what it sampled plus the forced segments, encoded one by one;
+    # every request's prompt is the chat prompt followed by a prefix of one row's tokens
+    rows = [list(t.token_ids) for group in out for t in group]
+    for text in out[0] + out[1]:
+        assert text.token_ids and "".join(tok.decode([i]) for i in text.token_ids) == text
+    assert all(b["return_token_ids"] for b in sent)
+    chats = [tok(tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"] for m in PROMPTS]
+    assert chats[0] == first[:len(first) - len(header)]
+
+    def continues_a_row(prompt):
+        return any(prompt[:len(c)] == c and any(row[:len(prompt) - len(c)] == prompt[len(c):] for row in rows)
+                   for c in chats)
+
+    assert all(continues_a_row(b["prompt"]) for b in sent)
     # a row cut off by max_new_tokens is left unfinished (and so fails validation), not padded into shape
     with open_engine(options(), tiny_model, tmp_path) as engine:
         short = make_generator(tiny_model, backend="engine", engine=engine).generate(

@@ -10,7 +10,9 @@ for a ~300-token workflow, ~10-30 of them free). Here the client walks the famil
 * an **instruction**: ``[^"\\\\\\n]{1,slot_chars}"`` (printable text without quote, backslash or newline, then the
   closing quote), at most ``slot_tokens`` + 1 tokens; one cut short is closed by the client.
 
-Every request sends the prompt and the text so far as token ids; vLLM's prefix cache holds the earlier part, so
+Every request sends the prompt and the workflow so far as token ids — the tokens sampled so far and the forced
+segments encoded one by one, exactly the sequence the fit trains on (``Completion.token_ids``; a re-tokenisation
+of the text would be another context than the one the model chose in). vLLM's prefix cache holds the earlier part, so
 the forced text is prefilled in one batched pass instead of decoded token by token — the server-side
 counterpart of the transformers decoder feeding forced runs in one pass (:func:`spogw.workflows.guide.guided_generate`).
 Choices and instructions are sampled from the model's own distribution restricted to the grammar, as there.
@@ -28,9 +30,11 @@ CHOICE_TOKENS = 4
 class GuidedWalk:
     """One workflow being written: the grammar's state, the text so far, and what to ask the server next."""
 
-    def __init__(self, guide: Guide):
-        self.guide = guide
+    def __init__(self, guide: Guide, encode):
+        self.guide, self.encode = guide, encode
         self.text = guide.prefix
+        self.ids: list[int] = list(encode(guide.prefix))  # the workflow's tokens as the model saw them
+        self.exact = True  # False once a reply came without its token ids (then none are recorded)
         self.position = 0  # the step being chosen (0 = `first`)
         self.done = False
         self._pending: list[str] = []  # the chosen option's literals after its slots
@@ -46,7 +50,14 @@ class GuidedWalk:
 
     def _finish(self, text: str) -> None:
         self.text += text
+        self.ids += self.encode(text)
         self.done = True
+
+    def result(self):
+        """The workflow text, carrying its token ids (:class:`spogw.completions.Completion`) when all are known."""
+        from spogw.completions import Completion
+
+        return Completion(self.text, self.ids if self.exact and self.done else None)
 
     def request(self) -> tuple[str, int]:
         """``(regex, max_tokens)`` of the next request (the walk must not be done)."""
@@ -54,8 +65,12 @@ class GuidedWalk:
             return "(?:" + "|".join(_escape(rest) for _, rest in self._alternatives) + ")", CHOICE_TOKENS
         return f"{SLOT_TEXT}{{1,{self.guide.slot_chars}}}\"", self.guide.slot_tokens + 1
 
-    def take(self, output: str) -> None:
-        """Advance by the server's ``output`` for :meth:`request`."""
+    def take(self, output: str, token_ids: list[int] | None = None) -> None:
+        """Advance by the server's ``output`` (and the ``token_ids`` it sampled) for :meth:`request`."""
+        if token_ids is None:
+            self.exact = False
+        else:
+            self.ids += [int(t) for t in token_ids]
         if self._alternatives is not None:
             self._take_choice(output)
         else:
@@ -70,6 +85,10 @@ class GuidedWalk:
             self._alternatives = [(i, rest[len(output):]) for i, rest in matching]
             return
         index, rest = matching[0]
+        if rest.startswith(output):
+            self.ids += self.encode(rest[len(output):]) if len(rest) > len(output) else []
+        else:
+            self.exact = False
         self.text += rest
         self._alternatives = None
         option = self.guide.step_options(self.position)[index]
@@ -80,7 +99,14 @@ class GuidedWalk:
     def _take_instruction(self, output: str) -> None:
         free = output[:-1] if output.endswith('"') else output  # cut short: the client closes it
         free = "".join(c for c in free if c not in '"\\\n' and c.isprintable())[:self.guide.slot_chars] or "Solve it."
-        self.text += free + self._pending.pop(0)
+        literal = self._pending.pop(0)  # begins with the closing quote
+        if output == free + '"':
+            self.ids += self.encode(literal[1:]) if len(literal) > 1 else []
+        elif output == free:
+            self.ids += self.encode(literal)
+        else:
+            self.exact = False
+        self.text += free + literal
         self._after_literal()
 
     def _after_literal(self) -> None:

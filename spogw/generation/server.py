@@ -174,20 +174,21 @@ class ServerGenerator:
             model = await self._sync_adapter(session)
 
             async def walk_one(p: int, r: int) -> None:
-                walk, k = GuidedWalk(guide), 0
+                walk, k = GuidedWalk(guide, self._encode), 0
                 async with limit:
                     while not walk.done:
-                        prompt = ids[p] + self._encode(walk.text)
-                        if len(prompt) - len(ids[p]) > max_new_tokens:
+                        prompt = ids[p] + walk.ids
+                        if len(walk.ids) > max_new_tokens:
                             break  # too long: left unfinished (invalid), as the other backends do
                         regex, max_tokens = walk.request()
                         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **sampling,
                                 "seed": (seeds[p] * 1_000_003 + r * 1009 + k) % 2**63,
-                                "structured_outputs": {"regex": regex}}
-                        text, _ = _read(await self._post(session, "/completions", body), 1)
-                        walk.take(text[0])
+                                "structured_outputs": {"regex": regex}, "return_token_ids": True}
+                        data = await self._post(session, "/completions", body)
+                        text, _ = _read(data, 1)
+                        walk.take(text[0], _token_ids(data))
                         k += 1
-                rows[p][r] = walk.text
+                rows[p][r] = walk.result()
                 done["rows"] += 1
                 if on_batch is not None:
                     on_batch(done["rows"], len(ids) * n)
@@ -259,6 +260,15 @@ def _read(data, n: int) -> tuple[list[str], int]:
     if len(texts) != n or not all(isinstance(t, str) for t in texts):
         raise EngineUnavailable(f"the vLLM server answered garbage: {len(texts)} completions, expected {n}")
     return texts, tokens
+
+
+def _token_ids(data) -> list[int] | None:
+    """The sampled token ids of a one-completion reply (``return_token_ids``), or None when the server sent none."""
+    try:
+        ids = data["choices"][0].get("token_ids")
+    except (KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return [int(t) for t in ids] if isinstance(ids, list) and all(isinstance(t, int) for t in ids) else None
 
 
 def _error_message(raw: bytes) -> str:
