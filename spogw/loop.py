@@ -58,6 +58,9 @@ class EvaluationOptions:
     """Static baselines to evaluate beside the generator (io, cot, cot_sc, medprompt, multipersona, self_refine)."""
     compare_base: bool = False
     """Also evaluate the base generator (no adapter), into eval-base/."""
+    each_iteration: bool = False
+    """Also evaluate the adapter of every earlier iteration k < K, into eval-iter-<k>/ (the generator only), so the
+    held-out score can be drawn per iteration (`spogw report`); with compare_base, iteration 0 is eval-base/."""
     judge: bool = False
     """Score MATH/DROP/HotpotQA with an LLM judge (the executor model), as the paper does at evaluation time."""
 
@@ -220,11 +223,15 @@ def iterate(
             start = time.perf_counter()
             summary["evaluation"] = evaluate([benchmark], generator=generator, adapter=adapter,
                                              out_dir=str(root / "eval"), **eval_kwargs)
-            summary["evaluation_seconds"] = round(time.perf_counter() - start, 1)
             if evaluation.compare_base:
                 summary["evaluation_base"] = evaluate([benchmark], generator=generator, adapter=None,
                                                       out_dir=str(root / "eval-base"),
                                                       **{**eval_kwargs, "baselines": []})
+            if evaluation.each_iteration:
+                for it in summary["iterations"][:-1]:
+                    evaluate([benchmark], generator=generator, adapter=it["adapter"],
+                             out_dir=str(root / f"eval-iter-{it['iteration']}"), **{**eval_kwargs, "baselines": []})
+            summary["evaluation_seconds"] = round(time.perf_counter() - start, 1)
         summary["engine"] = [e.record() for e in dict.fromkeys(e for e in engines if e is not None)]
         _write_json(root / "summary.json", summary)
     print_summary(summary)
@@ -246,10 +253,13 @@ def _iterations(benchmark, root: Path, iterations: int, generator: str, fit_conf
     for k in range(1, iterations + 1):
         it = root / f"iter-{k}"
         it.mkdir(parents=True, exist_ok=True)
+        if adapter is not None:
+            check_adapter(adapter, k)
         # 1. sample with π_{k-1}
         sample_stats = _sample_stage(it, k, records, generator, adapter, sampling, gen_engine, root, seed)
         # 2. score every workflow r times with the executor
         score_stats = _score_stage(it, k, records, executor, exec_engine, root, runs, partial_credit)
+        check_variance(it / "scored.jsonl", k, benchmark, sampling.m, partial_credit)
         # 3 + 4. build the group-wise dataset and train, with π_{k-1} as π_old = π_ref
         flags = fit_flags(fit_config=fit_config, generator=generator, scored=it / "scored.jsonl", fit_dir=it / "fit",
                           reference=adapter, m=sampling.m, seed=seed + k, extra=list(fit_args))
@@ -263,6 +273,62 @@ def _iterations(benchmark, root: Path, iterations: int, generator: str, fit_conf
                                       "fit_seconds": fit_done["seconds"], "adapter": str(adapter)})
         _write_json(root / "summary.json", summary)
     return summary
+
+
+class NothingToLearn(ValueError):
+    """No training query of an iteration has score variance: every group would have advantage 0."""
+
+
+def check_variance(scored: Path, k: int, benchmark: str, m: int, partial_credit: bool) -> int:
+    """The number of training queries whose workflows scored differently; none stops the run with what to change.
+
+    A failed workflow counts as 0 here, as it does in training (``--data.curation.failed_score 0``)."""
+    from spogw.sampling import read_jsonl_tolerant
+
+    scores: dict[str, set] = {}
+    for line in read_jsonl_tolerant(scored):
+        if not line.get("retry"):
+            scores.setdefault(str(line["query_id"]), set()).add(round(float(line.get("score") or 0.0), 9))
+    varied = sum(len(v) > 1 for v in scores.values())
+    if scores and not varied:
+        same = sorted({next(iter(v)) for v in scores.values()})
+        advice = [f"more samples per query (--sampling.m, now {m})", "a higher --sampling.temperature"]
+        if not partial_credit:
+            advice.append("partial credit (--partial_credit true: code scores the fraction of tests passed)")
+        advice.append("another benchmark where this executor's score depends on the workflow (DROP and HotpotQA "
+                      "score token F1; scripts/workflow_spread.py measures the room)")
+        raise NothingToLearn(
+            f"iteration {k}: none of the {len(scores)} training queries of {benchmark} has score variance (every "
+            f"query's {m} workflows scored the same: {', '.join(f'{x:g}' for x in same[:5])}), so every advantage "
+            f"is 0 and there is nothing to learn. Change: {'; '.join(advice)}. The run directory is intact "
+            f"({scored} and the executor cache are kept); after changing the sampling or the benchmark, use a new "
+            "--run_dir.")
+    if scores and varied < len(scores) / 4:
+        log.warning("iteration %d: only %d of %d training queries have score variance; the others teach nothing",
+                    k, varied, len(scores))
+    return varied
+
+
+def check_adapter(adapter: Path, k: int) -> None:
+    """The adapter that samples iteration k must load: its config parses and its weights file opens."""
+    fix = (f"delete {adapter.parent} and rerun to train iteration {k - 1} again (its scored samples are kept and "
+           "reused; nothing else is redone)")
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        if not isinstance(config, dict) or "r" not in config:
+            raise ValueError("not a LoRA adapter config (no 'r')")
+        weights = sorted(adapter.glob("adapter_model.*"))
+        if not weights:
+            raise FileNotFoundError("no adapter_model.* file")
+        if weights[0].suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(weights[0]), framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError(f"{weights[0].name} holds no tensors")
+    except Exception as exc:
+        raise RuntimeError(f"iteration {k}: the adapter of iteration {k - 1} ({adapter}) does not load: {exc}. "
+                           f"To fix: {fix}.") from exc
 
 
 def _sample_stage(it: Path, k: int, records, generator: str, adapter: Path | None, sampling: SamplingOptions,

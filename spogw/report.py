@@ -9,14 +9,14 @@ into ``<dir>/report/``:
   processing method (random, random_filter, screen, screen_sharpen), each dataset built with
   :func:`spogw.data.build_dataset` from the same scored samples and curation options as the run
   (into ``report/datasets/<mode>``);
-* ``figure3.png`` — paper Fig. 3: the score against β, group size 2t and dataset size d over the
-  runs found, one panel per parameter that takes two or more values;
+* ``figure3.png``, ``table3.md``, ``table4.md`` — paper Fig. 3 and Tables 3-4: the held-out score against β,
+  group size 2t and dataset size d, per KL configuration and per data processing method, mean ± std over the
+  seeds, with the base generator and the baselines as reference lines (:mod:`spogw.report_sweep`);
 * ``summary.md`` / ``summary.csv`` — one row per run: its settings, dataset, training and score.
 
-**The score.** A run's score is its generator solve rate from ``<run_dir>/eval/results.json``
-(``spogw evaluate --out_dir <run_dir>/eval``) when present. Otherwise it is a *proxy*, and the figure
-and table say so: the mean clipped surrogate ``train/policy`` of the last epoch (how far training
-moved the policy towards the better-than-average workflows of its own data), not a solve rate.
+**The score.** A run's score is its generator's held-out score from ``<run_dir>/eval/results.json`` (a sweep
+point's :class:`spogw.heldout.HeldOutEvaluation`, or ``spogw evaluate --out_dir <run_dir>/eval``). A run
+without an evaluation has no score: it is shown as missing, never estimated from a training signal.
 
 A directory without any run, or a run missing its ``config.yaml``, is an error naming the path; a
 run missing its metrics or scored-samples file is reported in the summary and skipped where needed.
@@ -35,7 +35,6 @@ from typing import Any
 MODES = ("random", "random_filter", "screen", "screen_sharpen")
 MODE_LABELS = {"random": "random sampling", "random_filter": "random + filtering", "screen": "screening",
                "screen_sharpen": "screening + sharpening"}
-PROXY_LABEL = "proxy: last-epoch mean train/policy (no eval/results.json)"
 
 
 class ReportError(ValueError):
@@ -74,7 +73,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def run_metric(run_dir: Path) -> dict[str, Any] | None:
-    """``{"value", "source", "label"}``: the eval solve rate if the run has one, else the documented proxy."""
+    """``{"value", "source", "label"}``: the held-out score of the run's evaluation (eval/results.json), or None.
+
+    No training signal stands in for a missing evaluation: a run without one has no score."""
     results = run_dir / "eval" / "results.json"
     if results.is_file():
         try:
@@ -83,17 +84,12 @@ def run_metric(run_dir: Path) -> dict[str, Any] | None:
             value = row.get("avg")
             if value is None:
                 means = [c["mean"] for c in row["benchmarks"].values() if "mean" in c]
-                value = statistics.fmean(means) if means else None
+                value = statistics.fmean(means) if means and len(means) == len(row["benchmarks"]) else None
             if value is not None:
-                return {"value": float(value), "source": "eval", "label": "solve rate (%) from eval/results.json"}
+                return {"value": float(value), "source": "eval", "label": "held-out score (%) from eval/results.json"}
         except (KeyError, TypeError, ValueError, json.JSONDecodeError):
             pass
-    rows = read_metrics(run_dir)
-    if not rows or not any("train/policy" in r for r in rows):
-        return None
-    last_epoch = max(r.get("epoch", 0.0) for r in rows)
-    values = [r["train/policy"] for r in rows if r.get("epoch", 0.0) == last_epoch and "train/policy" in r]
-    return {"value": statistics.fmean(values), "source": "proxy", "label": PROXY_LABEL}
+    return None
 
 
 def run_summary(run_dir: Path) -> dict[str, Any]:
@@ -103,7 +99,8 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     model, data = config.get("model") or {}, config.get("data") or {}
     cur = data.get("curation") or {}
-    row: dict[str, Any] = {"run": str(run_dir), "beta": model.get("beta"), "kl_reference": model.get("kl_reference"),
+    row: dict[str, Any] = {"run": str(run_dir), "seed": config.get("seed_everything"), "beta": model.get("beta"),
+                           "kl_reference": model.get("kl_reference"),
                            "kl_mask": model.get("kl_mask"), "group_size": 2 * cur["t"] if "t" in cur else None,
                            "top_n": cur.get("top_n"), "mode": cur.get("mode"), "scope": cur.get("scope"), "notes": []}
     stats_files = sorted((run_dir / "data").glob("groups-*/stats.json"), key=lambda p: p.stat().st_mtime)
@@ -120,8 +117,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
         row["notes"].append("no adapter: unfinished?")
     metric = run_metric(run_dir)
-    row.update(score=None if metric is None else metric["value"], score_source=None if metric is None else
-               metric["source"])
+    row["score"] = None if metric is None else metric["value"]
     row["config"] = config
     return row
 
@@ -184,49 +180,10 @@ def figure2(groups_by_mode: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-# -- Figure 3 ----------------------------------------------------------------------------------
-
-FIG3_PARAMS = (("beta", "KL coefficient β"), ("group_size", "group size 2t"), ("top_n", "dataset size d"))
-
-
-def figure3(rows: list[dict], path: Path) -> Path | None:
-    """Score against β, 2t and d over the runs (paper Fig. 3); None when no parameter takes two values."""
-    import matplotlib.pyplot as plt
-
-    scored = [r for r in rows if r.get("score") is not None]
-    panels = [(key, label) for key, label in FIG3_PARAMS
-              if len({r[key] for r in scored if r.get(key) is not None}) >= 2]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    sources = {r["score_source"] for r in scored}
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
-        others = [k for k, _ in FIG3_PARAMS if k != key]
-        # runs that vary this parameter alone: the most common setting of the other two
-        common = statistics.mode([tuple(r.get(k) for k in others) for r in scored])
-        mine = [r for r in scored if tuple(r.get(k) for k in others) == common and r.get(key) is not None]
-        xs = sorted({r[key] for r in mine})
-        means = [statistics.fmean(r["score"] for r in mine if r[key] == x) for x in xs]
-        ax.plot(range(len(xs)), means, marker="o")
-        for r in mine:
-            ax.scatter(xs.index(r[key]), r["score"], color="gray", s=10, alpha=0.6)
-        ax.set_xticks(range(len(xs)), [f"{x:g}" if isinstance(x, float) else str(x) for x in xs])
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("solve rate (%)" if sources == {"eval"} else "score")
-    note = "score: solve rate from eval/results.json" if sources == {"eval"} else (
-        "score: " + PROXY_LABEL + ("" if sources == {"proxy"} else "; eval solve rate where present"))
-    fig.suptitle(note, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # -- summary -----------------------------------------------------------------------------------
 
-SUMMARY_COLUMNS = ("run", "beta", "kl_reference", "kl_mask", "group_size", "top_n", "mode", "groups", "steps",
-                   "final_loss", "final_kl", "score", "score_source", "notes")
+SUMMARY_COLUMNS = ("run", "seed", "beta", "kl_reference", "kl_mask", "group_size", "top_n", "mode", "groups",
+                   "steps", "final_loss", "final_kl", "score", "notes")
 
 
 def _fmt(value: Any) -> str:
@@ -241,9 +198,10 @@ def _fmt(value: Any) -> str:
 
 def summary_markdown(rows: list[dict], root: Path, figures: dict[str, Path | None], notes: list[str]) -> str:
     lines = [f"# spogw report: {root}", ""]
-    if any(r.get("score_source") == "proxy" for r in rows):
-        lines += [f"Scores marked `proxy` are the {PROXY_LABEL[len('proxy: '):]}: a training signal, not a solve "
-                  "rate. Run `spogw evaluate --adapter <run>/adapter --out_dir <run>/eval` for solve rates.", ""]
+    if any(r.get("score") is None for r in rows):
+        lines += ["`score` is the held-out score of the run's evaluation (eval/results.json); `–` = not evaluated "
+                  "(a sweep point evaluates itself; for a plain fit run `spogw evaluate --adapter <run>/adapter "
+                  "--out_dir <run>/eval`).", ""]
     lines += ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|"]
     for r in rows:
         cells = [Path(r["run"]).relative_to(root).as_posix()]
@@ -316,19 +274,33 @@ def report(run_dir: str, out_dir: str | None = None, figure2_from: str | None = 
     except (ReportError, ValueError, FileNotFoundError) as e:  # DataError is a ValueError
         figures["figure2"] = None
         notes.append(f"Figure 2 not drawn: {e}")
-    figures["figure3"] = figure3(rows, out / "figure3.png")
+    from spogw.report_sweep import figure3, reference_lines, table3, table4
+
+    references = reference_lines(root)
+    figures["figure3"] = figure3(rows, out / "figure3.png", references)
     if figures["figure3"] is None:
-        notes.append("Figure 3 not drawn: needs runs with a score that differ in β, group size or dataset size "
-                     f"({sum(r['score'] is not None for r in rows)} scored run(s) found)")
+        notes.append("Figure 3 not drawn: needs evaluated runs that differ in β, group size or dataset size "
+                     f"({sum(r['score'] is not None for r in rows)} evaluated run(s) found)")
+    missing = [Path(r["run"]).name for r in rows if r["score"] is None]
+    if missing:
+        notes.append(f"{len(missing)} run(s) without a held-out evaluation, shown as missing: {', '.join(missing)}")
+    tables = {name: t for name, t in (("table3", table3(rows, references)), ("table4", table4(rows, references)))
+              if t is not None}
+    for name, table in tables.items():
+        (out / f"{name}.md").write_text(table)
     for n in notes:
         print(f"note: {n}")
-    (out / "summary.md").write_text(summary_markdown(rows, root, figures, notes))
+    (out / "summary.md").write_text(summary_markdown(rows, root, figures, notes)
+                                    + "".join(f"\n{t}" for t in tables.values()))
     (out / "summary.csv").write_text(summary_csv(rows))
     written = {k: v for k, v in figures.items() if v is not None}
-    print(f"-> {', '.join(str(p) for p in [*written.values(), out / 'summary.md', out / 'summary.csv'])}")
+    written_tables = [out / f"{name}.md" for name in tables]
+    paths = [*written.values(), *written_tables, out / "summary.md", out / "summary.csv"]
+    print(f"-> {', '.join(str(p) for p in paths)}")
     if wandb:
         _log_report(root, written, rows)
-    return {"figures": written, "summary": out / "summary.md", "rows": rows, "notes": notes}
+    return {"figures": written, "tables": written_tables, "summary": out / "summary.md", "rows": rows,
+            "notes": notes, "references": references}
 
 
 def _log_report(root: Path, figures: dict[str, Path], rows: list[dict], columns: tuple[str, ...] | None = None,

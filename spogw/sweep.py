@@ -187,6 +187,91 @@ def check_parameters(path: str | os.PathLike, config: dict[str, Any], *, overlay
             raise SweepError(f"{path}: unknown parameter {name!r}: not a `spogw fit` option{hint}")
 
 
+def point_config(config: dict[str, Any], point: dict[str, Any], *, overlay: str | None = None) -> dict[str, Any]:
+    """The fit config a point runs with, as far as its YAML files and parameters say: the command's ``--config``
+    files merged in order (then the overlay), then each dotted parameter set."""
+    command = [str(c) for c in config.get("command") or []]
+    files = _base_args(command)[1::2] + ([overlay] if overlay else [])
+    merged: dict[str, Any] = {}
+
+    def merge(into: dict, new: dict) -> None:
+        for k, v in new.items():
+            if isinstance(v, dict) and isinstance(into.get(k), dict):
+                merge(into[k], v)
+            else:
+                into[k] = v
+
+    for f in files:
+        merge(merged, yaml.safe_load(Path(f).read_text()) or {})
+    for name, value in point.items():
+        node = merged
+        *parents, last = name.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                node[key] = {}
+            node = node[key]
+        node[last] = value
+    return merged
+
+
+DATA_HINT = ("make it first: `spogw iterate --config configs/learn.yaml --iterations 1` for the CPU sweeps "
+             "(`make sweep-data`), or an iteration of your own run (`iter-k/scored.jsonl`), or `spogw sample` then "
+             "`spogw score`")
+
+
+def check_points(path: str | os.PathLike, config: dict[str, Any], points: list[dict[str, Any]], *,
+                 overlay: str | None = None) -> dict[str, dict]:
+    """Refuse, before anything runs, a point that cannot be built from the shared scored data: curation settings
+    that contradict each other (2t > n, n > m) or a dataset size d (``top_n``) above the distinct groups the data
+    holds. Returns per point name {"groups_available", "source"}. Not a `spogw fit` sweep: nothing to check."""
+    from spogw.data import Curation, read_scored_samples
+    from spogw.groups import build_groups
+
+    command = [str(c) for c in config.get("command") or []]
+    if "fit" not in command:
+        return {}
+    records_of: dict[str, list] = {}
+    out = {}
+    for point in points:
+        name = point_name(point)
+        data = point_config(config, point, overlay=overlay).get("data") or {}
+        fields = {k: v for k, v in (data.get("curation") or {}).items() if k in Curation.__dataclass_fields__}
+        try:
+            curation = Curation(**fields)
+        except (TypeError, ValueError) as exc:
+            raise SweepError(f"{path}: point {name} cannot be built: {exc}") from None
+        source = data.get("scored_samples")
+        if not source:
+            raise SweepError(f"{path}: point {name}: `data.scored_samples` is not set: a sweep point trains on the "
+                             f"shared scored data of one iteration; {DATA_HINT}")
+        if not Path(source).is_file():
+            raise SweepError(f"{path}: point {name}: the shared scored data {source} (`data.scored_samples`) does not "
+                             f"exist; {DATA_HINT}")
+        if source not in records_of:
+            try:
+                records_of[source], _ = read_scored_samples(source,
+                                                            on_bad_record=data.get("on_bad_record") or "error")
+            except ValueError as exc:
+                raise SweepError(f"{path}: point {name}: the shared scored data is unusable: {exc}") from None
+        groups, _ = build_groups(records_of[source], n=curation.n, t=curation.t, top_n=10**9, seed=curation.seed,
+                                 mode=curation.mode, scope=curation.scope, dedup=curation.dedup,
+                                 failed_score=curation.failed_score)
+        if curation.scope == "per_query":
+            per: dict[str, int] = {}
+            for g in groups:
+                per[str(g["query_id"])] = per.get(str(g["query_id"]), 0) + 1
+            available, what = max(per.values(), default=0), "distinct groups of any one query (scope per_query)"
+        else:
+            available, what = len(groups), "distinct groups"
+        if curation.top_n > available:
+            raise SweepError(
+                f"{path}: point {name}: `data.curation.top_n` (the dataset size d) = {curation.top_n} exceeds the "
+                f"{available} {what} that {source} holds with n = {curation.n}, t = {curation.t}, mode "
+                f"{curation.mode}; lower d to at most {available}, or sample more workflows or queries")
+        out[name] = {"groups_available": available, "source": source}
+    return out
+
+
 def read_results(sweep_dir: Path) -> dict[str, dict]:
     """The last line per point of ``results.jsonl``."""
     out: dict[str, dict] = {}
@@ -199,8 +284,15 @@ def read_results(sweep_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _finished(rec: dict | None, run_dir: Path) -> bool:
-    return bool(rec) and rec.get("state") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
+def _finished(rec: dict | None, run_dir: Path, held_out: bool = False) -> bool:
+    """Finished earlier: recorded so, the adapter in place and, for a held-out sweep, the point's eval.json."""
+    return (bool(rec) and rec.get("state") == "finished" and (run_dir / "adapter" / "adapter_config.json").is_file()
+            and (not held_out or (run_dir / "eval.json").is_file()))
+
+
+def held_out_sweep(config: dict[str, Any]) -> bool:
+    """The sweep ranks by the held-out score (``metric.name`` eval/score...): a point needs its evaluation."""
+    return str((config.get("metric") or {}).get("name", "")).startswith("eval/")
 
 
 def sweep(
@@ -234,6 +326,7 @@ def sweep(
     points = expand(config)
     if not points:
         raise SweepError(f"{sweep_file}: the sweep engine proposed no point")
+    check_points(sweep_file, config, points, overlay=config_overlay)
     name = str(config.get("name") or Path(sweep_file).stem)
     out = Path(sweep_dir or Path("runs") / "sweeps" / name)
     done = read_results(out)
@@ -245,7 +338,7 @@ def sweep(
         run_dir = out / pname
         argv = point_command(config, point, overlay=config_overlay) + ["--trainer.default_root_dir", str(run_dir)]
         rec = {"name": pname, "index": i, "params": point, "run_dir": str(run_dir), "command": shlex.join(argv)}
-        if _finished(done.get(pname), run_dir):
+        if _finished(done.get(pname), run_dir, held_out_sweep(config)):
             records.append({**done[pname], "state": "finished"})
             print(f"[{i + 1}/{len(points)}] {pname}: finished earlier, skipped")
             continue
@@ -256,7 +349,7 @@ def sweep(
         if max_runs is not None and ran >= max_runs:
             records.append({**rec, "state": "pending"})
             continue
-        records.append(_run_point(rec, argv, out, name, i, len(points)))
+        records.append(_run_point(rec, argv, out, name, i, len(points), held_out=held_out_sweep(config)))
         ran += 1
         if records[-1]["state"] == "failed" and stop_on_failure:
             break
@@ -271,7 +364,8 @@ def sweep(
     return records
 
 
-def _run_point(rec: dict, argv: list[str], out: Path, sweep_name: str, i: int, total: int) -> dict:
+def _run_point(rec: dict, argv: list[str], out: Path, sweep_name: str, i: int, total: int,
+               held_out: bool = False) -> dict:
     from spogw.report import run_metric
 
     run_dir = Path(rec["run_dir"])
@@ -285,6 +379,8 @@ def _run_point(rec: dict, argv: list[str], out: Path, sweep_name: str, i: int, t
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = round(time.monotonic() - start, 1)
     state = "finished" if proc.returncode == 0 and (run_dir / "adapter" / "adapter_config.json").is_file() else "failed"
+    if state == "finished" and held_out and not (run_dir / "eval.json").is_file():
+        state = "failed"  # trained, but its held-out evaluation did not finish: the point has no metric
     result = {**rec, "state": state, "returncode": proc.returncode, "seconds": seconds,
               "metric": run_metric(run_dir) if state == "finished" else None}
     if state == "failed":

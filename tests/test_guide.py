@@ -87,7 +87,23 @@ def test_a_random_model_writes_only_valid_workflows_when_guided(tiny, family):
         assert pattern.fullmatch(text)
         for instruction in re.findall(r'instruction="([^"]*)"', text):
             assert 1 <= len(tok(instruction, add_special_tokens=False)["input_ids"]) <= 2 * guide.guide.slot_tokens
+            assert instruction.isascii() and instruction.isprintable()
     assert len(set(texts)) > 1  # sampled, not one fixed text
+
+
+def test_instructions_are_printable_ascii_without_quote_or_backslash(tiny):
+    """A multi-byte character can be cut between two tokens (half a character is another token sequence than
+    the text's, and the engine garbles a prompt that ends inside one): instructions are ASCII on both paths."""
+    _, tok = tiny
+    guide = load_guide("qa")
+    pattern = re.compile(guide.regex())
+    good = guide.render([1, 2], ["Answer with a number, a name or a few words [1-3]."] * 8)
+    assert pattern.fullmatch(good)
+    for bad in ("Answer briefly 😑", "Réponds", 'Say "yes"', "a\\b"):
+        assert not pattern.fullmatch(guide.render([1, 2], [bad] * 8)), bad
+    free = TokenGuide(guide, tok).free
+    strings = TokenGuide(guide, tok).strings
+    assert free.any() and all(strings[i].isascii() and '"' not in strings[i] for i in free.nonzero().flatten())
 
 
 def test_seeded_sampling_repeats_and_batched_feeding_changes_nothing(tiny):

@@ -226,7 +226,7 @@ def test_the_generator_learns_a_planted_preference(tmp_path, tiny_model):
         config = yaml.safe_load(write_config(tmp_path, tiny_model, stub.base_url, iterations=2).read_text())
         config["sampling"].update(prompt_file=str(prompt), guided=True, m=8, max_new_tokens=600, batch_size=8)
         config["train_limit"] = 6
-        config["evaluation"]["enabled"] = False
+        config["evaluation"].update(limit=2, runs=1, baselines=["io"], compare_base=True, each_iteration=True)
         flags = dict(zip(config["fit_args"][::2], config["fit_args"][1::2], strict=True))
         flags.update({"--data.curation.n": "4", "--data.curation.t": "2", "--data.curation.top_n": "4",
                       "--data.curation.scope": "per_query", "--model.lr": "5e-3", "--model.lora.r": "8",
@@ -254,3 +254,67 @@ def test_the_generator_learns_a_planted_preference(tmp_path, tiny_model):
     assert 0.05 < base < 0.8, f"the base generator's share {base:.2f} leaves no room to learn or no signal"
     margin = 5 * (2 * base * (1 - base) / (n * len(prompts))) ** 0.5
     assert final - base > margin, f"plan-first share: base {base:.2f}, after two {final:.2f} (> {margin:.2f})"
+    # the learning report reads the run alone: the RL curve and the held-out score of π_0, π_1 and π_2
+    from spogw.report_learning import learning_report
+
+    report = learning_report(run, wandb=False)
+    assert [report["training"][k]["mean"] for k in (1, 2)] == [
+        100 * sum(s["score"] or 0.0 for s in read_jsonl_tolerant(run / f"iter-{k}" / "scored.jsonl")) / 16
+        for k in (1, 2)]
+    assert report["training"][2]["mean"] > report["training"][1]["mean"]
+    held = {k: json.loads((run / d / "results.json").read_text())["table"]["generator"]
+            for k, d in ((0, "eval-base"), (1, "eval-iter-1"), (2, "eval"))}
+    assert set(report["held_out"]) == {0, 1, 2} and all(
+        report["held_out"][k]["mean"] == held[k]["benchmarks"]["humaneval"]["mean"] for k in held)
+    assert set(report["baselines"]) == {"io"} and (run / "report" / "learning.png").is_file()
+
+
+def _scored_file(path: Path, scores: dict[str, list]) -> Path:
+    with path.open("w") as f:
+        for q, values in scores.items():
+            for i, s in enumerate(values):
+                f.write(json.dumps({"query_id": q, "sample": i, "completion": "x", "score": s}) + "\n")
+    return path
+
+
+def test_a_run_without_score_variance_stops_with_what_to_change(tmp_path):
+    from spogw.loop import NothingToLearn, check_variance
+
+    scored = _scored_file(tmp_path / "scored.jsonl", {"q1": [0.0, 0.0, None], "q2": [1.0, 1.0, 1.0]})
+    with pytest.raises(NothingToLearn) as err:
+        check_variance(scored, 2, "humaneval", 3, partial_credit=False)
+    msg = str(err.value)
+    assert "iteration 2" in msg and "none of the 2 training queries" in msg
+    assert "--sampling.m" in msg and "--partial_credit" in msg and "another benchmark" in msg
+    assert scored.is_file() and "intact" in msg  # nothing is deleted
+    # a failed workflow (None) counts 0, as in training: 0 beside None is no variance; 1 beside None is
+    assert check_variance(_scored_file(tmp_path / "b.jsonl", {"q1": [1.0, None, 1.0], "q2": [0.5, 0.5]}), 1,
+                          "drop", 3, partial_credit=True) == 1
+    # infrastructure failures awaiting a retry are no score at all
+    lines = [{"query_id": "q", "sample": 0, "score": 1.0}, {"query_id": "q", "sample": 1, "score": None, "retry": True}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(NothingToLearn):
+        check_variance(tmp_path / "c.jsonl", 1, "drop", 2, partial_credit=True)
+
+
+def test_an_adapter_that_does_not_load_stops_the_next_iteration_with_the_fix(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from spogw.loop import check_adapter
+
+    adapter = tmp_path / "iter-1" / "fit" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    save_file({"w": torch.zeros(2)}, str(adapter / "adapter_model.safetensors"))
+    check_adapter(adapter, 2)  # a good one passes
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 20)  # truncated weights
+    with pytest.raises(RuntimeError, match=r"iteration 2: the adapter of iteration 1 .* does not load.*delete"):
+        check_adapter(adapter, 2)
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="no adapter_model"):
+        check_adapter(adapter, 2)
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(RuntimeError, match="does not load"):
+        check_adapter(adapter, 2)
+    assert (tmp_path / "iter-1" / "fit").is_dir()  # the run directory is left as it was

@@ -11,7 +11,8 @@ from conftest import REPO
 from test_tracking import read_run
 
 from spogw.cli import cli_main, run_fit
-from spogw.report import figure3, report, run_summary
+from spogw.report import report, run_summary
+from spogw.report_sweep import figure3, settings, table3, table4
 
 
 def _image_is_drawn(path) -> bool:
@@ -54,26 +55,49 @@ def test_report_on_a_run_writes_images_and_logs_them(small_run, monkeypatch, cap
     steps = [r for r in csv.DictReader((small_run / "lightning_logs" / "version_0" / "metrics.csv").open())
              if r["train/loss"]]
     row = run_summary(small_run)
-    assert row["steps"] == len(steps) == 2 and row["score_source"] == "proxy"  # mean train/policy of the last epoch
-    assert row["score"] == pytest.approx(sum(float(r["train/policy"]) for r in steps) / 2)
+    assert row["steps"] == len(steps) == 2
+    assert row["score"] is None  # not evaluated: no score, and no training signal stands in for one
+    assert "not evaluated" in md and "1 run(s) without a held-out evaluation" in md
     (offline,) = (small_run / "wandb").glob("offline-run-*")
     logged = read_run(offline, "report/figure2")["history"][0]
     assert logged["report/figure2"]["_type"] == "image-file" and logged["report/summary"]["nrows"] == 1
 
 
-def test_figure3_prefers_eval_results(tmp_path):
-    rows = []
-    for beta, rate in ((0.025, 90.0), (0.1, 96.0), (0.2, 93.0)):
-        run = tmp_path / f"beta={beta}"
-        (run / "eval").mkdir(parents=True)
-        (run / "config.yaml").write_text(yaml.safe_dump({"model": {"beta": beta}, "data": {"curation": {"t": 4,
-                                                                                                       "top_n": 100}}}))
-        (run / "eval" / "results.json").write_text(json.dumps({"table": {"generator": {"avg": rate,
-                                                                                       "benchmarks": {}}}}))
-        rows.append(run_summary(run))
-    assert [r["score"] for r in rows] == [90.0, 96.0, 93.0] and {r["score_source"] for r in rows} == {"eval"}
-    assert "no metrics (lightning_logs" in " ".join(rows[0]["notes"])
-    assert _image_is_drawn(figure3(rows, tmp_path / "figure3.png"))
+def _point(root, name, score, *, seed, beta=0.1, t=2, top_n=4, mode="screen_sharpen", ref="previous", mask=True):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "seed_everything": seed, "model": {"beta": beta, "kl_reference": ref, "kl_mask": mask},
+        "data": {"curation": {"t": t, "top_n": top_n, "mode": mode}}}))
+    if score is not None:
+        (run / "eval").mkdir()
+        (run / "eval" / "results.json").write_text(json.dumps(
+            {"table": {"generator": {"benchmarks": {"drop": {"mean": score}}}}}))
+    return run_summary(run)
+
+
+def test_figure3_and_tables_show_each_setting_over_its_seeds_and_missing_points_as_missing(tmp_path):
+    rows = [_point(tmp_path, f"b{beta}s{seed}", score, seed=seed, beta=beta)
+            for beta, scores in ((0.05, (10.0, 12.0, None)), (0.2, (7.0, 8.0, 9.0)))
+            for seed, score in enumerate(scores)]
+    by_beta = {s["beta"]: s for s in settings(rows)}
+    assert by_beta[0.05]["scores"] == [10.0, 12.0] and by_beta[0.05]["mean"] == 11.0
+    assert by_beta[0.05]["std"] == pytest.approx(2 ** 0.5) and by_beta[0.05]["missing"] == ["b0.05s2"]
+    assert by_beta[0.2]["mean"] == 8.0 and by_beta[0.2]["std"] == 1.0 and by_beta[0.2]["seeds"] == [0, 1, 2]
+    assert _image_is_drawn(figure3(rows, tmp_path / "figure3.png", {"base generator": 9.5}))
+    assert table3(rows, {}) is None and table4(rows, {}) is None  # neither was swept
+    kl = [_point(tmp_path, f"kl-{ref}-{mask}-{seed}", score, seed=seed, ref=ref, mask=mask)
+          for (ref, mask, scores) in (("none", False, (5.0, 6.0)), ("none", True, (5.0, 6.0)),
+                                      ("base", False, (7.0, 7.0)), ("previous", True, (9.0, None)))
+          for seed, score in enumerate(scores)]
+    md = table3(kl, {"static: IO": 4.0})
+    assert "| no KL | 5.50 | 0.58 | 4 |" in md and "| KL to the base model | 7.00 | 0.00 | 2 |" in md
+    assert "| KL to the previous model + mask (mKL) | 9.00 | 0.00 | 1 | kl-previous-True-1 |" in md
+    assert "| KL to the previous model | not swept |" in md and "| reference: static: IO | 4.00 |" in md
+    modes = [_point(tmp_path, f"m-{mode}-{seed}", 3.0 + i + seed, seed=seed, mode=mode)
+             for i, mode in enumerate(("random", "screen")) for seed in (0, 1)]
+    md = table4(modes, {})
+    assert "| random sampling | 3.50 |" in md and "| screening | 4.50 |" in md and "| random + filtering | not swept" in md
 
 
 def test_bad_run_dirs_are_reported(tmp_path, scored_file, capsys):

@@ -7,7 +7,7 @@ for a ~300-token workflow, ~10-30 of them free). Here the client walks the famil
 
 * a **choice** among the step's options: the options' leading text as an alternation, a few tokens at most,
   until one option is determined; then its whole leading text is appended as forced text;
-* an **instruction**: ``[^"\\\\\\n]{1,slot_chars}"`` (printable text without quote, backslash or newline, then the
+* an **instruction**: ``SLOT_TEXT{1,slot_chars}"`` (printable ASCII without quote or backslash, then the
   closing quote), at most ``slot_tokens`` + 1 tokens; one cut short is closed by the client.
 
 Every request sends the prompt and the workflow so far as token ids — the tokens sampled so far and the forced
@@ -98,7 +98,8 @@ class GuidedWalk:
 
     def _take_instruction(self, output: str) -> None:
         free = output[:-1] if output.endswith('"') else output  # cut short: the client closes it
-        free = "".join(c for c in free if c not in '"\\\n' and c.isprintable())[:self.guide.slot_chars] or "Solve it."
+        free = "".join(c for c in free if c not in '"\\\n' and c.isascii() and c.isprintable())
+        free = free[:self.guide.slot_chars] or "Solve it."
         literal = self._pending.pop(0)  # begins with the closing quote
         if output == free + '"':
             self.ids += self.encode(literal[1:]) if len(literal) > 1 else []

@@ -39,8 +39,10 @@ from typing import Any
 SLOT = "{instruction}"
 OPEN, CLOSE = "<graph>\n", "</graph>"
 INDENT = " " * 8
-SLOT_TEXT = r'[^"\\\n]'
-"""One character of an instruction: anything but a quote, a backslash or a newline (printable only)."""
+SLOT_TEXT = r'[ !#-\[\]-~]'
+"""One character of an instruction: printable ASCII but a quote or a backslash (no newline, no emoji: a
+multi-byte character could be cut between two tokens, and the half would be a different token sequence than the
+text's; the engine's incremental detokeniser also garbles a prompt that ends inside a character)."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ class TokenGuide:
         special = set(tokenizer.all_special_ids)
         self.strings = [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
                         if i not in special else "" for i in range(size)]
-        ok = [bool(s) and s.isprintable() and '"' not in s and "\\" not in s and "\ufffd" not in s
+        ok = [bool(s) and s.isascii() and s.isprintable() and '"' not in s and "\\" not in s
               for s in self.strings]
         self.free = torch.tensor(ok, dtype=torch.bool)
         """Tokens an instruction may consist of."""
