@@ -22,7 +22,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help install engine quickstart test test-slow test-all test-engine lint bench clean
+.PHONY: help install engine quickstart learn sweep-data sweep-cpu test test-slow test-all test-engine lint bench clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,6 +49,19 @@ engine: ## install the inference engine (vLLM) where it installs, and say what w
 quickstart: install ## set up, then 3 ioGRPO iterations on HumanEval with the embedded SmolLM2-135M (CPU, offline)
 	$(BIN)/spogw iterate --config configs/quickstart.yaml
 	@echo "datasets: runs/quickstart/iter-*/fit/data/   adapters: runs/quickstart/iter-*/fit/adapter/   table: runs/quickstart/eval/table.md"
+
+SEEDS ?= 0 1 2
+learn: install ## the CPU learning experiment (configs/learn.yaml: DROP, K=3, seeds $(SEEDS)), then its report
+	for s in $(SEEDS); do $(BIN)/spogw iterate --config configs/learn.yaml --seed $$s --run_dir runs/learn/seed-$$s || exit 1; done
+	$(BIN)/spogw report runs/learn
+
+sweep-data: install ## the CPU sweeps' shared data: iterations 1-2 of the learning experiment, seed 0
+	$(BIN)/spogw iterate --config configs/learn.yaml --iterations 2 --evaluation.enabled false
+
+SWEEP ?= beta
+sweep-cpu: sweep-data ## a CPU sweep on held-out score (SWEEP=beta|group_size|dataset_size|kl_ablation|data_processing)
+	$(BIN)/spogw sweep configs/sweeps/cpu/$(SWEEP).yaml
+	$(BIN)/spogw report runs/sweeps/cpu/$(SWEEP)
 
 test: install ## set up, then run the default test suite (minutes on 2 cores; slow tests deselected)
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)

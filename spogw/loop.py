@@ -405,11 +405,13 @@ def _score_stage(it: Path, k: int, records, executor: ExecutorOptions, engine, r
 
 def print_summary(summary: dict[str, Any]) -> None:
     """The run in a few lines: per iteration the mean training score and the stage times; the evaluation table."""
-    rows = [("iteration", "mean training score", "valid", "groups", "sample s", "score s", "fit s")]
-    for it in summary["iterations"]:
+    rows = [("iteration", "mean training score", "", "valid", "groups", "sample s", "score s", "fit s")]
+    means = [it["score"].get("score_mean") for it in summary["iterations"]]
+    top = max((m for m in means if m is not None), default=0.0)
+    for it, mean in zip(summary["iterations"], means, strict=True):
         sample, score = it["sample"], it["score"]
-        mean = score.get("score_mean")
-        rows.append((str(it["iteration"]), "-" if mean is None else f"{mean:.3f}",
+        bar = "" if mean is None or top <= 0 else "#" * max(1, round(24 * mean / top))  # the RL curve, in text
+        rows.append((str(it["iteration"]), "-" if mean is None else f"{mean:.3f}", bar.ljust(24),
                      f"{sample.get('valid')}/{sample.get('samples')}", str((it.get("build") or {}).get("groups")),
                      f"{sample.get('seconds', 0):.0f}", f"{score.get('seconds', 0):.0f}", f"{it['fit_seconds']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

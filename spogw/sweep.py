@@ -302,6 +302,7 @@ def sweep(
     dry_run: bool = False,
     max_runs: int | None = None,
     stop_on_failure: bool = False,
+    only: dict[str, Any] | None = None,
 ) -> list[dict]:
     """Run a W&B sweep YAML here: every point a ``spogw fit`` subprocess in its own run directory; resumable.
 
@@ -313,6 +314,8 @@ def sweep(
         dry_run: print the points and their commands; run nothing.
         max_runs: run at most this many points now (finished ones are skipped and not counted).
         stop_on_failure: stop at the first point that fails (default: record it and go on).
+        only: run only the points whose parameters take these values, e.g. ``--only '{seed_everything: 0}'`` (one
+            seed of every setting first); the others are listed as pending.
 
     Returns:
         One record per point: name, params, run_dir, state (finished | failed | pending | planned), metric.
@@ -326,6 +329,11 @@ def sweep(
     points = expand(config)
     if not points:
         raise SweepError(f"{sweep_file}: the sweep engine proposed no point")
+    if only:
+        unknown = sorted(set(only) - set(config["parameters"]))
+        if unknown:
+            raise SweepError(f"`--only`: {', '.join(unknown)} is not a parameter of {sweep_file} "
+                             f"({', '.join(config['parameters'])})")
     check_points(sweep_file, config, points, overlay=config_overlay)
     name = str(config.get("name") or Path(sweep_file).stem)
     out = Path(sweep_dir or Path("runs") / "sweeps" / name)
@@ -341,6 +349,9 @@ def sweep(
         if _finished(done.get(pname), run_dir, held_out_sweep(config)):
             records.append({**done[pname], "state": "finished"})
             print(f"[{i + 1}/{len(points)}] {pname}: finished earlier, skipped")
+            continue
+        if only and any(point.get(k) != v for k, v in only.items()):
+            records.append({**rec, "state": "pending"})
             continue
         if dry_run:
             print(f"[{i + 1}/{len(points)}] {pname}: {rec['command']}")

@@ -208,3 +208,18 @@ def test_sweep_from_the_wrong_directory_says_where_to_run_it(tmp_path, monkeypat
         cli_main(["sweep", str(SWEEPS / "beta.yaml"), "--dry_run", "true"])
     assert exit_info.value.code == 2
     assert "`--config configs/fit/quickstart.yaml` is not found" in capsys.readouterr().err
+
+
+def test_only_runs_the_points_it_names(tmp_path, scored_file, monkeypatch, capsys):
+    from spogw.sweep import SweepError
+
+    monkeypatch.chdir(REPO)
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"scored_samples": str(scored_file), "curation": {"m": 8}}}))
+    records = sweep(str(SWEEPS / "cpu" / "beta.yaml"), sweep_dir=str(tmp_path / "out"), config_overlay=str(overlay),
+                    dry_run=True, only={"seed_everything": 0})
+    planned = [r["params"] for r in records if r["state"] == "planned"]
+    assert planned == [{"model.beta": b, "seed_everything": 0} for b in (0.025, 0.05, 0.1, 0.2)]
+    assert sum(r["state"] == "pending" for r in records) == 8
+    with pytest.raises(SweepError, match="`--only`: seed is not a parameter"):
+        sweep(str(SWEEPS / "cpu" / "beta.yaml"), config_overlay=str(overlay), dry_run=True, only={"seed": 0})
