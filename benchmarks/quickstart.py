@@ -12,7 +12,7 @@ first):
 
 (a) the peer: transformers ``model.generate`` on the m copies of the prompt (left-padded batch, KV cache),
     asked for exactly as many new tokens per row as our guided workflows have (``min_new_tokens``);
-(b) ours, guided (``spogw.workflows.guide.guided_generate``): one prefill shared by the m rows, forced runs of
+(b) ours, guided (``spogw.workflows.guided_decoding.guided_generate``): one prefill shared by the m rows, forced runs of
     the workflow grammar fed in one padded pass;
 (c) ours with forced runs fed one token per pass (``max_run=1``), to show where the time goes.
 
@@ -70,7 +70,8 @@ def generator_sides(queries: int, m: int, temperature: float, seed: int) -> None
     from spogw.benchmarks import load_benchmark
     from spogw.generation import generator_messages
     from spogw.models import load_causal_lm, load_tokenizer
-    from spogw.workflows.guide import TokenGuide, guided_generate, load_guide
+    from spogw.workflows.guide import load_guide
+    from spogw.workflows.guided_decoding import TokenGuide, guided_generate
 
     torch.set_num_threads(int(os.environ.get("SPOGW_BENCH_THREADS", "2")))
     tok = load_tokenizer("embedded")

@@ -122,7 +122,9 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # earlier benchmarks' rows are kept (a run per benchmark adds to the same table)
+    rows = [r for r in (json.loads((out / "spread.json").read_text()) if (out / "spread.json").is_file() else [])
+            if r["benchmark"] not in args.benchmarks]
     for name in args.benchmarks:
         async def one(name=name):
             executor = CachedExecutor(OpenAIExecutor(args.base_url, args.model, concurrency=args.concurrency,

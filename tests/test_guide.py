@@ -7,7 +7,8 @@ import re
 import pytest
 
 from spogw.workflows.families import FAMILIES
-from spogw.workflows.guide import Guide, TokenGuide, guided_generate, load_guide
+from spogw.workflows.guide import Guide, load_guide
+from spogw.workflows.guided_decoding import TokenGuide, guided_generate
 from spogw.workflows.parsing import InvalidWorkflow, parse_workflow
 
 QUESTION = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'

@@ -214,7 +214,8 @@ def test_samples_are_trained_on_the_tokens_they_were_sampled_as(tmp_path, tiny_m
     """The guided decoder feeds the grammar segment by segment, so its tokens differ from a re-tokenisation of
     the finished text; the sample stage records them and the fit trains on exactly those."""
     from spogw.models import load_causal_lm, load_tokenizer
-    from spogw.workflows.guide import TokenGuide, guided_generate, load_guide
+    from spogw.workflows.guide import load_guide
+    from spogw.workflows.guided_decoding import TokenGuide, guided_generate
 
     tok = load_tokenizer(tiny_model)
     guide = TokenGuide(load_guide("code"), tok)

@@ -97,7 +97,8 @@ def test_figure3_and_tables_show_each_setting_over_its_seeds_and_missing_points_
     modes = [_point(tmp_path, f"m-{mode}-{seed}", 3.0 + i + seed, seed=seed, mode=mode)
              for i, mode in enumerate(("random", "screen")) for seed in (0, 1)]
     md = table4(modes, {})
-    assert "| random sampling | 3.50 |" in md and "| screening | 4.50 |" in md and "| random + filtering | not swept" in md
+    assert "| random sampling | 3.50 |" in md and "| screening | 4.50 |" in md
+    assert "| random + filtering | not swept" in md
 
 
 def test_bad_run_dirs_are_reported(tmp_path, scored_file, capsys):

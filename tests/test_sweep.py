@@ -194,7 +194,8 @@ def test_a_point_the_shared_data_cannot_build_is_refused_before_anything_runs(tm
     assert "point n=10" in msg and "must not exceed `--data.curation.m` = 8" in msg
     # d above the distinct groups the shared data holds (6 queries x C(8, 6) = 28 instances each, per query)
     msg = run({"data.curation.top_n": {"values": [1, 10_000]}, "data.curation.scope": {"value": "per_query"}})
-    assert "point scope=per_query,top_n=10000" in msg and "`data.curation.top_n` (the dataset size d) = 10000 exceeds" in msg
+    assert "point scope=per_query,top_n=10000" in msg
+    assert "`data.curation.top_n` (the dataset size d) = 10000 exceeds" in msg
     limit = int(msg.split("exceeds the ")[1].split()[0])
     assert 1 <= limit <= 28
     overlay.write_text(yaml.safe_dump({"data": {"scored_samples": str(tmp_path / "none.jsonl")}}))

@@ -14,7 +14,8 @@ Every request sends the prompt and the workflow so far as token ids — the toke
 segments encoded one by one, exactly the sequence the fit trains on (``Completion.token_ids``; a re-tokenisation
 of the text would be another context than the one the model chose in). vLLM's prefix cache holds the earlier part, so
 the forced text is prefilled in one batched pass instead of decoded token by token — the server-side
-counterpart of the transformers decoder feeding forced runs in one pass (:func:`spogw.workflows.guide.guided_generate`).
+counterpart of the transformers decoder feeding forced runs in one pass
+(:func:`spogw.workflows.guided_decoding.guided_generate`).
 Choices and instructions are sampled from the model's own distribution restricted to the grammar, as there.
 The result matches :meth:`Guide.regex` (a test checks every sample).
 """

@@ -1,8 +1,8 @@
 """The transformers generator backend: a causal LM (plus an optional peft LoRA adapter, merged) in this process.
 
 Left-padded batched ``generate`` over the chat template, on CPU or GPU; with ``guide=`` the token-level guided
-decoder of :mod:`spogw.workflows.guide` (one prefill per conversation shared by its ``n`` rows). The fallback of
-the engine (:mod:`spogw.engine`) wherever vLLM cannot run.
+decoder of :mod:`spogw.workflows.guided_decoding` (one prefill per conversation shared by its ``n`` rows). The
+fallback of the engine (:mod:`spogw.engine`) wherever vLLM cannot run.
 
 Seeding: with one ``seed`` every batch reseeds torch with ``seed`` and the batch's position, so a call with the
 same prompts, ``n``, batch size and seed returns the same texts. A sampled text depends on its batch mates (the
@@ -105,7 +105,8 @@ class TransformersGenerator:
 
     def _generate_guided(self, prompts, family: str, n: int, temperature: float, top_p: float,
                          max_new_tokens: int, seed, on_batch, on_prompt) -> list[list[str]]:
-        from spogw.workflows.guide import TokenGuide, guided_generate, load_guide
+        from spogw.workflows.guide import load_guide
+        from spogw.workflows.guided_decoding import TokenGuide, guided_generate
 
         out: list[list[str]] = []
         with self._lock:
