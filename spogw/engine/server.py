@@ -42,6 +42,8 @@ from spogw.engine.options import EngineOptions
 SERVED_NAME = "base"
 """The name the base model is served under (requests for an adapter name the adapter instead)."""
 VLLM_ENTRY = ["-m", "vllm.entrypoints.openai.api_server"]
+VLLM_SITE = Path(__file__).resolve().parent / "vllm_site"
+"""Put on the CPU server's PYTHONPATH: its sitecustomize installs faster LoRA operators (spogw_lora_cpu)."""
 
 
 class EngineUnavailable(RuntimeError):
@@ -156,6 +158,8 @@ class EngineServer:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self._threads()
             if self._threads() == "nobind":  # one compute thread per core, left to the OS scheduler
                 env["OMP_NUM_THREADS"] = str(len(proc_.cpu_list().split(",")))
+            # vllm-cpu's LoRA operators copy a weight matrix per token; ours (vllm_site/spogw_lora_cpu.py) do not
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(VLLM_SITE), os.environ.get("PYTHONPATH")) if p)
         return env
 
     def _fingerprint(self, command: list[str]) -> str:
