@@ -37,9 +37,15 @@ METRIC = "eval/score"
 
 
 def point_score(results: dict, method: str = "generator") -> tuple[float | None, dict[str, float]]:
-    """(mean over benchmarks, per benchmark) of ``method``'s score (%) in an evaluation's results.json."""
+    """(mean over benchmarks, per benchmark) of ``method``'s score (%) in an evaluation's results.json.
+
+    A benchmark counts only when its evaluation is complete and no run of it awaits a retry (an executor or
+    sandbox failure is no verdict on the workflow); otherwise the mean is None: the point has no score yet."""
+    from spogw.runtime.runner import INFRA_STATUSES
+
     row = results["table"].get(method) or {}
-    per = {b: float(c["mean"]) for b, c in (row.get("benchmarks") or {}).items() if "mean" in c}
+    per = {b: float(c["mean"]) for b, c in (row.get("benchmarks") or {}).items()
+           if "mean" in c and c.get("complete", True) and not set(c.get("statuses") or {}) & set(INFRA_STATUSES)}
     if not per or len(per) != len(row.get("benchmarks") or {}):
         return None, per
     return sum(per.values()) / len(per), per
@@ -100,16 +106,23 @@ class HeldOutEvaluation(L.Callback):
             raise FileNotFoundError(f"{run_dir}: no adapter to evaluate (adapter/adapter_config.json)")
         generator = str(pl_module.hparams.get("model", "embedded"))
         start = time.perf_counter()
-        if self.reference:
+        from spogw.backends import engines_for
+
+        # one engine (server start-up ~30-90 s on a CPU) for the reference and the point's evaluation
+        with engines_for(self.executor, self.generation.backend, generator, self.engine, run_dir / "eval"):
             ref = Path(self.reference_dir) if self.reference_dir else run_dir.parent / "reference"
-            evaluate(self.benchmarks, generator=generator, adapter=None, baselines=self.baselines,
-                     out_dir=str(ref), **self._kwargs())
-        results = evaluate(self.benchmarks, generator=generator, adapter=str(adapter), baselines=[],
-                           out_dir=str(run_dir / "eval"), **self._kwargs())
+            if self.reference:  # once per sweep: a finished reference is read back, an incomplete one continued
+                evaluate(self.benchmarks, generator=generator, adapter=None, baselines=self.baselines,
+                         out_dir=str(ref), **self._kwargs())
+            results = evaluate(self.benchmarks, generator=generator, adapter=str(adapter), baselines=[],
+                               out_dir=str(run_dir / "eval"), **self._kwargs())
         score, per = point_score(results)
         if score is None:
-            raise RuntimeError(f"{run_dir / 'eval'}: the evaluation finished without a score for every benchmark "
-                               f"({per}); rerun the point to continue it")
+            cells = results["table"]["generator"]["benchmarks"]
+            raise RuntimeError(f"{run_dir / 'eval'}: the held-out evaluation is incomplete (per benchmark: "
+                               f"{ {b: c.get('statuses') for b, c in cells.items()} }); the executor or the sandbox "
+                               "failed. Rerun the point (`spogw sweep` again) to continue it: finished records and "
+                               "executor replies are kept")
         record = {"score": score, "benchmarks": per, "split": self.split, "limit": self.limit,
                   "seconds": round(time.perf_counter() - start, 1)}
         (run_dir / "eval.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -28,7 +28,6 @@ import csv
 import io
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -75,20 +74,18 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 def run_metric(run_dir: Path) -> dict[str, Any] | None:
     """``{"value", "source", "label"}``: the held-out score of the run's evaluation (eval/results.json), or None.
 
-    No training signal stands in for a missing evaluation: a run without one has no score."""
+    No training signal stands in for a missing evaluation, and an incomplete one (runs awaiting a retry) has no
+    score either: such a run is shown as missing."""
+    from spogw.heldout import point_score
+
     results = run_dir / "eval" / "results.json"
     if results.is_file():
         try:
-            data = json.loads(results.read_text())
-            row = data["table"]["generator"]
-            value = row.get("avg")
-            if value is None:
-                means = [c["mean"] for c in row["benchmarks"].values() if "mean" in c]
-                value = statistics.fmean(means) if means and len(means) == len(row["benchmarks"]) else None
-            if value is not None:
-                return {"value": float(value), "source": "eval", "label": "held-out score (%) from eval/results.json"}
+            value, _ = point_score(json.loads(results.read_text()))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError):
-            pass
+            value = None
+        if value is not None:
+            return {"value": float(value), "source": "eval", "label": "held-out score (%) from eval/results.json"}
     return None
 
 

@@ -138,6 +138,20 @@ def test_local_sweep_ranks_points_by_their_held_out_score_resumes_and_reports(tm
     small = tmp_path / "beta2.yaml"
     small.write_text(yaml.safe_dump(config))
     out = tmp_path / "sweep"
+    # the executor unreachable during the first point's evaluation: the point fails with the reason, no metric
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    broken = tiny_overlay(tmp_path, tiny_model, scored_file, dead)
+    spec = yaml.safe_load(broken.read_text())
+    spec["trainer"]["callbacks"][0]["init_args"]["executor"].update(max_retries=0, timeout_s=5)
+    broken.write_text(yaml.safe_dump(spec))
+    failed = sweep(str(small), sweep_dir=str(out), config_overlay=str(broken), max_runs=1)
+    assert [r["state"] for r in failed] == ["failed", "pending"] and failed[0]["metric"] is None
+    log = (out / "beta=0.05,seed_everything=0" / "fit.log").read_text()
+    assert "the held-out evaluation is incomplete" in log and "executor_error" in log
     with OpenAIStub(StubConfig(responder=lambda messages: "def f():\n    return 1\n")) as stub:
         overlay = tiny_overlay(tmp_path, tiny_model, scored_file, stub.base_url)
         first = sweep(str(small), sweep_dir=str(out), config_overlay=str(overlay), max_runs=1)
@@ -147,7 +161,8 @@ def test_local_sweep_ranks_points_by_their_held_out_score_resumes_and_reports(tm
         again = sweep(str(small), sweep_dir=str(out), config_overlay=str(overlay))
     assert [r["state"] for r in again] == ["finished", "finished"]
     lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
-    assert [x["name"] for x in lines] == ["beta=0.05,seed_everything=0", "beta=0.2,seed_everything=0"]
+    assert [x["name"] for x in lines] == ["beta=0.05,seed_everything=0"] * 2 + ["beta=0.2,seed_everything=0"]
+    assert [x["state"] for x in lines] == ["failed", "finished", "finished"]  # the failed point ran again
     for r in again:
         run = out / r["name"]
         saved = yaml.safe_load((run / "config.yaml").read_text())
