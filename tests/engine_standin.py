@@ -63,6 +63,10 @@ class StandIn:
         if path == "/v1/load_lora_adapter":
             if not Path(data["lora_path"], "adapter_config.json").is_file():
                 return 404, {"error": {"message": f"no adapter at {data['lora_path']}"}}
+            if data["lora_name"] in self.adapters:  # vLLM 0.32's answer to a name it holds
+                return 400, {"error": {"message": f"The lora adapter '{data['lora_name']}' has already been loaded. "
+                                                  "If you want to load the adapter in place, set 'load_inplace' to "
+                                                  "True."}}
             self.adapters[data["lora_name"]] = data["lora_path"]
             return 200, b"Success"
         if path == "/v1/unload_lora_adapter":

@@ -135,12 +135,24 @@ def test_adapters_are_loaded_at_run_time_and_requests_name_them(tiny_model, tmp_
         base = gen.generate(PROMPTS[:1], max_new_tokens=8)
         with pytest.raises(ValueError, match="rank 32, above `--engine.max_lora_rank 16`"):
             gen.set_adapter(write_adapter(tmp_path / "big", r=32))
+        # the next iteration's generator (a new one, same server) loads its adapter beside the first's, and one
+        # that names an adapter the server already holds uses it
+        later = make_generator(tiny_model, second, backend="engine", engine=engine)
+        again = later.generate(PROMPTS[:1], max_new_tokens=8)
+        third = make_generator(tiny_model, first, backend="engine", engine=engine)
+        first_again = third.generate(PROMPTS[:1], max_new_tokens=8)
+    from spogw.generation.server import _adapter_key
+
+    one, two = (f"adapter-{_adapter_key(str(Path(a).resolve()))}" for a in (first, second))
+    assert one != two
     loads = requests(record, "/v1/load_lora_adapter")
-    assert [(b["lora_name"], b["lora_path"]) for b in loads] == [("adapter-1", str(Path(first).resolve())),
-                                                                   ("adapter-2", str(Path(second).resolve()))]
-    assert [b["lora_name"] for b in requests(record, "/v1/unload_lora_adapter")] == ["adapter-1"]
-    assert [b["model"] for b in requests(record, "/v1/completions")] == ["adapter-1", "adapter-1", "adapter-2", "base"]
-    assert "adapter-1" in with_first[0][0] and "adapter-2" in with_second[0][0] and "base" in base[0][0]
+    assert [(b["lora_name"], b["lora_path"]) for b in loads] == [
+        (one, str(Path(first).resolve())), (two, str(Path(second).resolve())), (two, str(Path(second).resolve())),
+        (one, str(Path(first).resolve()))]
+    assert [b["lora_name"] for b in requests(record, "/v1/unload_lora_adapter")] == [one]
+    assert [b["model"] for b in requests(record, "/v1/completions")] == [one, one, two, "base", two, one]
+    assert one in with_first[0][0] and two in with_second[0][0] and "base" in base[0][0]
+    assert two in again[0][0] and one in first_again[0][0]
 
 
 def test_a_server_dying_mid_call_is_named_then_restarted_once(tiny_model, tmp_path, monkeypatch, capsys):
@@ -156,7 +168,7 @@ def test_a_server_dying_mid_call_is_named_then_restarted_once(tiny_model, tmp_pa
         engine.recover(str(err.value))
         assert engine.available and engine.pid != dead and engine.restarts == 1
         again = gen.generate(PROMPTS, n=2, max_new_tokens=8)  # the new server gets the adapter loaded again
-        assert len(again) == 2 and "adapter-2" in again[0][0]
+        assert len(again) == 2 and "adapter-" in again[0][0] and gen._count == 2  # loaded a second time
         engine.stop()  # a second death falls back instead of restarting
         engine.recover("the vLLM server died again")
         assert not engine.available and make_generator(tiny_model, backend="engine", engine=engine).identity.startswith(

@@ -81,9 +81,15 @@ class ServerGenerator:
             await self._post(session, "/unload_lora_adapter", {"lora_name": self._loaded[0]}, expect_json=False,
                              quiet=True)
         self._count += 1
-        name = f"adapter-{self._count}"
-        await self._post(session, "/load_lora_adapter", {"lora_name": name, "lora_path": self.adapter},
-                         expect_json=False)
+        # the name is the adapter's own (path and weights' mtime): another generator of the same run (the next
+        # iteration's, the evaluation's) loads into the same server, which refuses a name it already holds
+        name = f"adapter-{_adapter_key(self.adapter)}"
+        try:
+            await self._post(session, "/load_lora_adapter", {"lora_name": name, "lora_path": self.adapter},
+                             expect_json=False)
+        except ValueError as exc:  # the server refused it
+            if "already been loaded" not in str(exc):
+                raise  # the same adapter, loaded by an earlier generator: use it
         self._loaded, self._loaded_on = (name, self.adapter), self.engine.pid
         return name
 
@@ -260,6 +266,17 @@ def _read(data, n: int) -> tuple[list[str], int]:
     if len(texts) != n or not all(isinstance(t, str) for t in texts):
         raise EngineUnavailable(f"the vLLM server answered garbage: {len(texts)} completions, expected {n}")
     return texts, tokens
+
+
+def _adapter_key(path: str) -> str:
+    """A short digest of an adapter directory's path and its files' sizes and mtimes (a retrained one differs)."""
+    import hashlib
+
+    h = hashlib.sha256(path.encode())
+    for f in sorted(Path(path).glob("*")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
 
 
 def _token_ids(data) -> list[int] | None:
