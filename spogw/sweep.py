@@ -272,6 +272,15 @@ def check_points(path: str | os.PathLike, config: dict[str, Any], points: list[d
     return out
 
 
+def _command_root(config: dict[str, Any]) -> str | None:
+    """The ``--trainer.default_root_dir`` the sweep's command names (where `wandb agent` would put its points)."""
+    command = [str(c) for c in config.get("command") or []]
+    for i, part in enumerate(command[:-1]):
+        if part == "--trainer.default_root_dir":
+            return command[i + 1]
+    return None
+
+
 def read_results(sweep_dir: Path) -> dict[str, dict]:
     """The last line per point of ``results.jsonl``."""
     out: dict[str, dict] = {}
@@ -309,7 +318,8 @@ def sweep(
     Args:
         sweep_file: a W&B sweep config (``configs/sweeps/*.yaml``): ``method: grid`` (or random with ``run_cap``),
             ``parameters`` named after ``spogw fit`` flags, and the ``command`` ``wandb agent`` runs.
-        sweep_dir: where the points' run directories and ``results.jsonl`` go (default ``runs/sweeps/<name>``).
+        sweep_dir: where the points' run directories and ``results.jsonl`` go (default: the command's
+            ``--trainer.default_root_dir``, else ``runs/sweeps/<name>``).
         config_overlay: a YAML passed as a further ``--config`` before each point's flags (e.g. a smaller model).
         dry_run: print the points and their commands; run nothing.
         max_runs: run at most this many points now (finished ones are skipped and not counted).
@@ -336,7 +346,7 @@ def sweep(
                              f"({', '.join(config['parameters'])})")
     check_points(sweep_file, config, points, overlay=config_overlay)
     name = str(config.get("name") or Path(sweep_file).stem)
-    out = Path(sweep_dir or Path("runs") / "sweeps" / name)
+    out = Path(sweep_dir or _command_root(config) or Path("runs") / "sweeps" / name)
     done = read_results(out)
     from spogw.report import run_metric
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -237,5 +238,8 @@ def test_only_runs_the_points_it_names(tmp_path, scored_file, monkeypatch, capsy
     planned = [r["params"] for r in records if r["state"] == "planned"]
     assert planned == [{"model.beta": b, "seed_everything": 0} for b in (0.025, 0.05, 0.1, 0.2)]
     assert sum(r["state"] == "pending" for r in records) == 8
+    # without --sweep_dir the points go where the command's --trainer.default_root_dir says (as under wandb agent)
+    default = sweep(str(SWEEPS / "cpu" / "beta.yaml"), config_overlay=str(overlay), dry_run=True)
+    assert {str(Path(r["run_dir"]).parent) for r in default} == {"runs/sweeps/cpu/beta"}
     with pytest.raises(SweepError, match="`--only`: seed is not a parameter"):
         sweep(str(SWEEPS / "cpu" / "beta.yaml"), config_overlay=str(overlay), dry_run=True, only={"seed": 0})
