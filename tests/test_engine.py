@@ -184,8 +184,8 @@ def test_terminating_the_parent_stops_its_server(tmp_path, sig):
     parent, pid, _ = start_parent(tmp_path)
     assert group_members(pid)
     parent.send_signal(sig)
-    assert parent.wait(timeout=30) != 0
-    assert wait_gone(pid), "the server outlived its parent"
+    assert parent.wait(timeout=120) != 0  # the stand-in's stop takes seconds; minutes under a loaded machine
+    assert wait_gone(pid, timeout=60), "the server outlived its parent"
     assert not list(proc_.registry_dir().glob("*.json"))
 
 

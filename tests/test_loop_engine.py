@@ -44,6 +44,21 @@ def served(record: Path, endpoint: str) -> list[dict]:
     return [r["body"] for r in map(json.loads, record.read_text().splitlines()) if r["path"] == endpoint]
 
 
+def gone(pid: int, timeout: float = 30.0) -> bool:
+    """The process has exited (a zombie not yet reaped counts as exited), waiting up to ``timeout`` under load."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_one_engine_serves_every_stage_of_a_run(tmp_path, tiny_model, standin_env):
     proc = start(engine_config(tmp_path, tiny_model, iterations=1))
     out = proc.communicate(timeout=600)[0].decode(errors="replace")
@@ -66,7 +81,7 @@ def test_one_engine_serves_every_stage_of_a_run(tmp_path, tiny_model, standin_en
     assert "| Generator |" in (run / "eval" / "table.md").read_text()
     assert "mean training score" in out and "engine: vllm, bfloat16" in out
     pid = int(log.split("engine core pid ")[1].split()[0])
-    assert not Path(f"/proc/{pid}").exists(), "the engine outlived the run"
+    assert gone(pid), "the engine outlived the run"
     assert not list((tmp_path / "registry").glob("*.json"))
 
 

@@ -220,11 +220,11 @@ def test_a_point_the_shared_data_cannot_build_is_refused_before_anything_runs(tm
 
 
 def test_sweep_from_the_wrong_directory_says_where_to_run_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # the command's configs/fit/quickstart.yaml is relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the command's configs/fit/paper.yaml is relative to the repository root
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["sweep", str(SWEEPS / "beta.yaml"), "--dry_run", "true"])
     assert exit_info.value.code == 2
-    assert "`--config configs/fit/quickstart.yaml` is not found" in capsys.readouterr().err
+    assert "`--config configs/fit/paper.yaml` is not found" in capsys.readouterr().err
 
 
 def test_only_runs_the_points_it_names(tmp_path, scored_file, monkeypatch, capsys):
