@@ -9,7 +9,8 @@ for example ``runs/learn`` with ``seed-0/``, ``seed-1/``, ``seed-2/``) writes in
   mean ± std over seeds, with the static baselines run on the same executor as horizontal lines;
 * ``learning.md`` / ``learning.json`` — the same numbers as tables, and what changed in the generator: the
   distribution of workflow structures (operator sequences) and the most common instructions, before training
-  (π_0's samples) and after it (the final adapter's test workflows and the last iteration's samples).
+  (π_0's samples, the base generator's test workflows) and after it (the final adapter's test workflows and the
+  last iteration's samples).
 
 Held-out scores come from the evaluations the runs made: ``eval-base/`` (iteration 0), ``eval-iter-<k>/`` and
 ``eval/`` (the final adapter); see ``--evaluation.each_iteration``. Nothing is estimated: a missing evaluation is
@@ -154,13 +155,14 @@ def _changes(runs: list[Path], family: str, iterations: int) -> dict[str, Any]:
     """Structures and instructions before training (π_0's samples) and after it (the last samples, and the final
     adapter's held-out workflows)."""
     def texts(name: str) -> list[str]:
-        if name == "final_test":
-            return [w["workflow"] for run in runs for w in _read_jsonl(run / "eval" / "workflows.jsonl")]
+        if name in ("base_test", "final_test"):
+            folder = "eval-base" if name == "base_test" else "eval"
+            return [w["workflow"] for run in runs for w in _read_jsonl(run / folder / "workflows.jsonl")]
         k = 1 if name == "first_samples" else iterations
         return [s["completion"] for run in runs for s in _latest(_read_jsonl(run / f"iter-{k}" / "samples.jsonl"))]
 
     out = {}
-    for name in ("first_samples", "last_samples", "final_test"):
+    for name in ("first_samples", "last_samples", "base_test", "final_test"):
         found = texts(name)
         if not found:
             continue
@@ -196,7 +198,8 @@ def learning_markdown(s: dict[str, Any], figure: str | None) -> str:
                      f"{v['max']:.1f} | {v['n']} |")
     titles = {"first_samples": "before training: the base generator's samples (iteration 1)",
               "last_samples": f"the last iteration's samples (iteration {s['iterations']})",
-              "final_test": "after training: the final adapter's held-out workflows"}
+              "base_test": "before training: the base generator's held-out workflows (greedy, as evaluated)",
+              "final_test": "after training: the final adapter's held-out workflows (greedy, as evaluated)"}
     lines += ["", "## What changed in the generator", ""]
     for name, c in s["generator_change"].items():
         lines += [f"**{titles[name]}** ({c['workflows']} workflows)", "", "| first step | share |", "|---|---|"]
