@@ -105,7 +105,7 @@ def figure3(rows: list[dict], path: Path, references: dict[str, float] | None = 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out score (%)")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle("held-out score of each point's adapter (eval/results.json); points without one are left out",
+    fig.suptitle("held-out score of each point's adapter\n(eval/results.json; points without one left out)",
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
