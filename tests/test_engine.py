@@ -172,7 +172,9 @@ PARENT = textwrap.dedent("""
 
 def start_parent(tmp_path, dtype: str = "bfloat16") -> tuple[subprocess.Popen, int, int]:
     code = PARENT.format(standin=STANDIN, dtype=dtype, model=str(tmp_path), run=str(tmp_path / "run"))
-    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    # Ctrl-C as in a terminal: a run started in the background (nohup, `cmd &`) inherits SIGINT ignored
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     line = parent.stdout.readline()
     assert line.startswith("READY"), line
     _, pid, port = line.split()
