@@ -30,25 +30,11 @@ import lightning as L
 
 from spogw.backends import ExecutorOptions, GenerationOptions
 from spogw.engine.options import EngineOptions
+from spogw.report_sweep import point_score
 
 log = logging.getLogger(__name__)
 
 METRIC = "eval/score"
-
-
-def point_score(results: dict, method: str = "generator") -> tuple[float | None, dict[str, float]]:
-    """(mean over benchmarks, per benchmark) of ``method``'s score (%) in an evaluation's results.json.
-
-    A benchmark counts only when its evaluation is complete and no run of it awaits a retry (an executor or
-    sandbox failure is no verdict on the workflow); otherwise the mean is None: the point has no score yet."""
-    from spogw.runtime.runner import INFRA_STATUSES
-
-    row = results["table"].get(method) or {}
-    per = {b: float(c["mean"]) for b, c in (row.get("benchmarks") or {}).items()
-           if "mean" in c and c.get("complete", True) and not set(c.get("statuses") or {}) & set(INFRA_STATUSES)}
-    if not per or len(per) != len(row.get("benchmarks") or {}):
-        return None, per
-    return sum(per.values()) / len(per), per
 
 
 class HeldOutEvaluation(L.Callback):

@@ -76,7 +76,7 @@ def run_metric(run_dir: Path) -> dict[str, Any] | None:
 
     No training signal stands in for a missing evaluation, and an incomplete one (runs awaiting a retry) has no
     score either: such a run is shown as missing."""
-    from spogw.heldout import point_score
+    from spogw.report_sweep import point_score
 
     results = run_dir / "eval" / "results.json"
     if results.is_file():

@@ -30,6 +30,21 @@ MODE_LABELS = {"random": "random sampling", "random_filter": "random + filtering
                "screen_sharpen": "screening + sharpening"}
 
 
+def point_score(results: dict, method: str = "generator") -> tuple[float | None, dict[str, float]]:
+    """(mean over benchmarks, per benchmark) of ``method``'s score (%) in an evaluation's results.json.
+
+    A benchmark counts only when its evaluation is complete and no run of it awaits a retry (an executor or
+    sandbox failure is no verdict on the workflow); otherwise the mean is None: the point has no score yet."""
+    from spogw.runtime.runner import INFRA_STATUSES
+
+    row = results["table"].get(method) or {}
+    per = {b: float(c["mean"]) for b, c in (row.get("benchmarks") or {}).items()
+           if "mean" in c and c.get("complete", True) and not set(c.get("statuses") or {}) & set(INFRA_STATUSES)}
+    if not per or len(per) != len(row.get("benchmarks") or {}):
+        return None, per
+    return sum(per.values()) / len(per), per
+
+
 def seed_of(row: dict) -> Any:
     return (row.get("config") or {}).get("seed_everything")
 
@@ -45,19 +60,18 @@ def settings(rows: list[dict]) -> list[dict[str, Any]]:
         else:
             g["scores"].append(float(r["score"]))
             g["seeds"].append(seed_of(r))
-    out = []
-    for g in groups.values():
-        s = g["scores"]
-        g["mean"] = statistics.fmean(s) if s else None
-        g["std"] = statistics.stdev(s) if len(s) > 1 else (0.0 if s else None)
-        out.append(g)
-    return out
+    return [{**g, **_spread(g["scores"])} for g in groups.values()]
+
+
+def _spread(scores: list[float]) -> dict[str, float | None]:
+    """Mean and std over seeds (std 0 for one seed, both None for none)."""
+    return {"mean": statistics.fmean(scores) if scores else None,
+            "std": statistics.stdev(scores) if len(scores) > 1 else (0.0 if scores else None)}
 
 
 def reference_lines(root: Path) -> dict[str, float]:
     """Method -> held-out score of the base generator and the baselines in ``<root>/reference`` (if any)."""
     from spogw.evaluate import display_name
-    from spogw.heldout import point_score
 
     path = root / "reference" / "results.json"
     if not path.is_file():
@@ -154,6 +168,4 @@ def _merge(found: list[dict]) -> dict | None:
     if not found:
         return None
     scores = [x for s in found for x in s["scores"]]
-    return {"scores": scores, "missing": [m for s in found for m in s["missing"]],
-            "mean": statistics.fmean(scores) if scores else None,
-            "std": statistics.stdev(scores) if len(scores) > 1 else (0.0 if scores else None)}
+    return {"scores": scores, "missing": [m for s in found for m in s["missing"]], **_spread(scores)}

@@ -18,6 +18,7 @@ import pytest
 
 from spogw.engine import Engine, EngineOptions, EngineServer, EngineUnavailable, open_engine
 from spogw.engine import process as proc_
+from spogw.engine.process import group_members
 
 STANDIN = str(Path(__file__).with_name("engine_standin.py"))
 REPO = Path(__file__).resolve().parents[1]
@@ -36,20 +37,6 @@ def registry(tmp_path, monkeypatch):
 
 def options(**overrides) -> EngineOptions:
     return EngineOptions(**{"command": [sys.executable, STANDIN], "startup_timeout_s": 30.0, **overrides})
-
-
-def group_members(pid: int) -> list[int]:
-    """Live (non-zombie) processes in ``pid``'s process group, read from /proc."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pid and fields[0] != "Z":
-                out.append(int(entry.name))
-    return out
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> bool:

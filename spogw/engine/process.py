@@ -136,14 +136,9 @@ def stop_group(pid: int, started: int | None, *, grace_s: float = 20.0) -> None:
             time.sleep(0.1)
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # members that are zombies (exited, not yet reaped by their parent) count as gone
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group ``pgid``, read from /proc."""
+    out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
@@ -151,8 +146,18 @@ def _group_alive(pgid: int) -> bool:
             except OSError:
                 continue
             if int(fields[2]) == pgid and fields[0] != "Z":
-                return True
-    return False
+                out.append(int(entry.name))
+    return out
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return bool(group_members(pgid))  # members that are zombies (exited, not yet reaped) count as gone
 
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
