@@ -4,7 +4,8 @@ Learning can only move the score as far as the workflows it can write differ. Th
 before any training: the paper's six static baselines and every structure of the guided grammar (each `first`
 option, alone and followed by each `then` option, with a plain instruction) run on the first ``--limit``
 *training* queries of each benchmark with one executor, and it prints the mean score of each workflow and the
-spread between the best and the worst. Held-out (test) queries are never touched.
+spread between the best and the worst (code benchmarks: pass/fail, the paper's metric, and the share of tests
+passed, the partial credit a run can train on). Held-out (test) queries are never touched.
 
     python -m vllm.entrypoints.openai.api_server --model ~/.cache/spogw/models/smollm2-135m-instruct ... &
     python scripts/workflow_spread.py --base_url http://127.0.0.1:8000/v1 --model smollm2 \\
@@ -66,13 +67,15 @@ async def run_benchmark(name: str, args, executor) -> dict:
                                     concurrency=args.concurrency, temperature=0.0, max_tokens=args.max_tokens,
                                     limits=limits)
     checks = asyncio.Semaphore(2)
+    code = family == "code"  # code: the paper's pass/fail, and the share of tests passed next to it
 
     async def score(record, result):
         if not result.ok:
-            return 0.0, result.status
+            return 0.0, (0.0 if code else None), result.status
         async with checks:
-            scored = await ascore_output_detailed(name, record, result.output, partial=args.partial)
-        return scored.score, "ok"
+            scored = await ascore_output_detailed(name, record, result.output)
+            part = (await ascore_output_detailed(name, record, result.output, partial=True)).score if code else None
+        return scored.score, part, "ok"
 
     broken = [res for res in results if res.status in INFRA_STATUSES]
     if broken:  # the executor or the sandbox failed: no verdict on the workflow, and nothing to average
@@ -80,28 +83,42 @@ async def run_benchmark(name: str, args, executor) -> dict:
                            "rerun (finished calls are cached)")
     scored = await asyncio.gather(*(score(r, res) for (_, r), res in zip(jobs, results, strict=True)))
     per = {w: [] for w in workflows}
+    partial = {w: [] for w in workflows}
     failed = {w: 0 for w in workflows}
-    for (w, _), (s, status) in zip(jobs, scored, strict=True):
+    for (w, _), (s, part, status) in zip(jobs, scored, strict=True):
         per[w].append(s)
+        if part is not None:
+            partial[w].append(part)
         failed[w] += status != "ok"
+    row = {"benchmark": name, "queries": len(records), **_spread(per), "failed": failed,
+           "seconds": round(time.perf_counter() - start, 1), "completion_tokens": usage.completion_tokens,
+           "calls": usage.calls, "cached_calls": usage.cached_calls}
+    if code:
+        row["partial"] = _spread(partial)
+    return row
+
+
+def _spread(per: dict[str, list[float]]) -> dict:
     means = {w: 100 * statistics.fmean(v) for w, v in per.items()}
     best, worst = max(means, key=means.get), min(means, key=means.get)
-    return {"benchmark": name, "queries": len(records), "means": means, "failed": failed, "best": best,
-            "worst": worst, "spread": means[best] - means[worst],
-            "ratio": means[best] / means[worst] if means[worst] > 0 else None,
-            "seconds": round(time.perf_counter() - start, 1), "completion_tokens": usage.completion_tokens,
-            "calls": usage.calls, "cached_calls": usage.cached_calls}
+    return {"means": means, "best": best, "worst": worst, "spread": means[best] - means[worst],
+            "ratio": means[best] / means[worst] if means[worst] > 0 else None}
 
 
 def markdown(rows: list[dict]) -> str:
     lines = []
     for row in rows:
+        part = row.get("partial")
         lines += [f"### {row['benchmark']} ({row['queries']} training queries, {row['seconds']} s)", "",
-                  "| workflow | mean score | failed runs |", "|---|---|---|"]
-        for w, m in sorted(row["means"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {w} | {m:.1f} | {row['failed'][w]} |")
-        ratio = f"{row['ratio']:.1f}x" if row["ratio"] else "inf"
-        lines += ["", f"best {row['best']} - worst {row['worst']}: **{row['spread']:.1f} points** ({ratio})", ""]
+                  "| workflow | mean score | " + ("tests passed (partial credit) | " if part else "") + "failed runs |",
+                  "|---|---|---|" + ("---|" if part else "")]
+        for w, m in sorted(row["means"].items(), key=lambda kv: (-kv[1], -(part["means"][kv[0]] if part else 0))):
+            tests = f"{part['means'][w]:.1f} | " if part else ""
+            lines.append(f"| {w} | {m:.1f} | {tests}{row['failed'][w]} |")
+        for label, r in [("", row)] + ([("partial credit: ", part)] if part else []):
+            ratio = f"{r['ratio']:.1f}x" if r["ratio"] else "inf"
+            lines += ["", f"{label}best {r['best']} - worst {r['worst']}: **{r['spread']:.1f} points** ({ratio})"]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -114,7 +131,6 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--max_tokens", type=int, default=192)
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--partial", action="store_true", help="code benchmarks: partial credit")
     p.add_argument("--out", default="runs/spread")
     args = p.parse_args()
     from spogw.runtime.cache import CachedExecutor

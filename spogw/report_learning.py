@@ -148,7 +148,31 @@ def learning_summary(root: Path) -> dict[str, Any]:
                "training": training, "held_out": held_out,
                "baselines": {m: _mean_std(v) for m, v in baselines.items()}}
     summary["generator_change"] = _changes(runs, family, iterations)
+    summary["goal"] = goal(summary)
     return summary
+
+
+def goal(s: dict[str, Any]) -> dict[str, Any] | None:
+    """Issue 11's goal, answered from the numbers: does the final adapter beat the base generator by more than
+    the spread over seeds, and does it reach the best static workflow?
+
+    The spread is the larger of the two std's over seeds (base, final). The stricter reading, that the two
+    mean ± std bands do not touch, and the per-seed (paired) gains are reported next to it."""
+    k = s["iterations"]
+    base, final = s["held_out"].get(0), s["held_out"].get(k)
+    if not base or not final:
+        return None
+    paired = [r["held_out"][k] - r["held_out"][0] for r in s["runs"] if {0, k} <= set(r["held_out"])]
+    gain, spread = final["mean"] - base["mean"], max(base["std"], final["std"])
+    out = {"iteration": k, "seeds": min(base["n"], final["n"]), "gain": gain, "spread": spread,
+           "beats_base_by_more_than_spread": gain > spread,
+           "bands_apart": final["mean"] - final["std"] > base["mean"] + base["std"],
+           "paired_gains": paired, "every_seed_gains": bool(paired) and min(paired) > 0}
+    if s["baselines"]:
+        name, best = max(s["baselines"].items(), key=lambda kv: kv[1]["mean"])
+        out |= {"best_static": name, "best_static_mean": best["mean"],
+                "reaches_best_static": final["mean"] >= best["mean"]}
+    return out
 
 
 def _changes(runs: list[Path], family: str, iterations: int) -> dict[str, Any]:
@@ -196,6 +220,18 @@ def learning_markdown(s: dict[str, Any], figure: str | None) -> str:
     for method, v in sorted(s["baselines"].items(), key=lambda kv: -kv[1]["mean"]):
         lines.append(f"| static: {display_name(method)} | {v['mean']:.1f} | {v['std']:.1f} | {v['min']:.1f} | "
                      f"{v['max']:.1f} | {v['n']} |")
+    g = s.get("goal")
+    if g:
+        yes = {True: "yes", False: "**no**"}
+        lines += ["", f"## The goal (adapter of iteration {g['iteration']} against the base, {g['seeds']} seed(s))", "",
+                  f"- gain over the base: {g['gain']:+.1f} points; spread (larger std over seeds): {g['spread']:.1f}"
+                  f" -> beats the base by more than the spread: {yes[g['beats_base_by_more_than_spread']]}",
+                  f"- mean ± std bands apart: {yes[g['bands_apart']]}; per-seed gains: "
+                  + ", ".join(f"{x:+.1f}" for x in g["paired_gains"])
+                  + f" (every seed gains: {yes[g['every_seed_gains']]})"]
+        if "best_static" in g:
+            lines.append(f"- best static workflow: {display_name(g['best_static'])} {g['best_static_mean']:.1f}"
+                         f" -> reached: {yes[g['reaches_best_static']]}")
     titles = {"first_samples": "before training: the base generator's samples (iteration 1)",
               "last_samples": f"the last iteration's samples (iteration {s['iterations']})",
               "base_test": "before training: the base generator's held-out workflows (greedy, as evaluated)",

@@ -269,6 +269,9 @@ def test_the_generator_learns_a_planted_preference(tmp_path, tiny_model):
     assert set(report["held_out"]) == {0, 1, 2} and all(
         report["held_out"][k]["mean"] == held[k]["benchmarks"]["humaneval"]["mean"] for k in held)
     assert set(report["baselines"]) == {"io"} and (run / "report" / "learning.png").is_file()
+    mean = {k: held[k]["benchmarks"]["humaneval"]["mean"] for k in held}
+    assert report["goal"]["iteration"] == 2 and report["goal"]["gain"] == pytest.approx(mean[2] - mean[0])
+    assert "## The goal" in (run / "report" / "learning.md").read_text()
 
 
 def _scored_file(path: Path, scores: dict[str, list]) -> Path:

@@ -132,3 +132,27 @@ def test_report_notebook_runs_on_a_run_dir(small_run, monkeypatch, capsys):
     assert "--- best (score" in out and "--- worst (score" in out
     assert "figure2" in namespace["figures"] and len(namespace["summary"]) == 1
     assert os.path.isfile(small_run / "report" / "figure2.png")
+
+
+def test_the_learning_goal_is_judged_against_the_spread_over_seeds_and_the_best_static_workflow():
+    from spogw.report_learning import _mean_std, goal
+
+    def summary(base, final, static):
+        runs = [{"held_out": {0: b, 3: f}} for b, f in zip(base, final, strict=True)]
+        return {"iterations": 3, "runs": runs, "held_out": {0: _mean_std(base), 3: _mean_std(final)},
+                "baselines": {"io": _mean_std([static] * 3), "cot": _mean_std([static - 1] * 3)}}
+
+    clear = goal(summary([3.0, 4.0, 3.5], [7.0, 8.0, 7.5], 6.0))
+    assert clear["gain"] == pytest.approx(4.0) and clear["spread"] == pytest.approx(0.5)
+    assert clear["beats_base_by_more_than_spread"] and clear["bands_apart"] and clear["every_seed_gains"]
+    assert clear["best_static"] == "io" and clear["reaches_best_static"]
+    # every seed gains, but one seed's luck carries the mean: the gain is inside the final adapter's spread
+    lucky = goal(summary([3.0, 4.0, 3.5], [3.5, 8.6, 4.0], 5.8))
+    assert lucky["paired_gains"] == pytest.approx([0.5, 4.6, 0.5]) and lucky["every_seed_gains"]
+    assert lucky["spread"] == pytest.approx(_mean_std([3.5, 8.6, 4.0])["std"])
+    assert not lucky["beats_base_by_more_than_spread"] and not lucky["bands_apart"]
+    assert not lucky["reaches_best_static"]
+    # the base's own spread counts too
+    noisy_base = goal(summary([1.0, 7.0, 4.0], [6.0, 6.2, 6.4], 5.0))
+    assert noisy_base["spread"] == pytest.approx(3.0) and not noisy_base["beats_base_by_more_than_spread"]
+    assert goal({"iterations": 3, "runs": [], "held_out": {3: _mean_std([1.0])}, "baselines": {}}) is None
