@@ -63,9 +63,16 @@ async def run_benchmark(name: str, args, executor) -> dict:
 
     # long passages on a CPU server: a workflow of several calls may wait minutes for its turn
     limits = SandboxLimits(wall_s=3600.0, cpu_s=120.0, memory_mb=1024)
-    results, usage = await run_many([WorkflowJob(workflows[w], r.to_dict(), family) for w, r in jobs], executor,
-                                    concurrency=args.concurrency, temperature=0.0, max_tokens=args.max_tokens,
-                                    limits=limits)
+    from spogw.runtime.runner import workflow_pool
+
+    pool = workflow_pool(args.concurrency)  # warm zygotes: a run costs a fork, not a fresh interpreter
+    try:
+        results, usage = await run_many([WorkflowJob(workflows[w], r.to_dict(), family) for w, r in jobs], executor,
+                                        concurrency=args.concurrency, temperature=0.0, max_tokens=args.max_tokens,
+                                        limits=limits, entry_pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
     checks = asyncio.Semaphore(2)
     code = family == "code"  # code: the paper's pass/fail, and the share of tests passed next to it
 
@@ -130,7 +137,7 @@ def main() -> None:
     p.add_argument("--base_url", required=True)
     p.add_argument("--model", default="smollm2")
     p.add_argument("--max_tokens", type=int, default=192)
-    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--out", default="runs/spread")
     args = p.parse_args()
     from spogw.runtime.cache import CachedExecutor

@@ -167,7 +167,9 @@ def _check_task(check: dict, limits: SandboxLimits) -> dict:
 class _Zygote:
     """A started zygote process: the parent's handle on it (one task at a time; ``cancel`` from any thread)."""
 
-    START_TIMEOUT_S = 30.0
+    # a zygote imports little, but on 2 busy cores (an engine, a sweep, 30 other zygotes starting) 30 s was
+    # seen to pass: a slow start is the machine's, not the program's, and must not fail its workflow
+    START_TIMEOUT_S = 120.0
     GRACE_S = 5.0  # beyond the task's wall limit before the parent gives up on the zygote itself
 
     def __init__(self, mode: str = "serve", options: dict | None = None):
@@ -334,7 +336,11 @@ class SandboxPool:
             raise RuntimeError(f"SandboxPool: {self._errors[0]}")
 
     def _start_zygote(self) -> _Zygote:
-        z = self._zygotes[threading.get_ident()] = _Zygote(options=self.options)
+        try:
+            z = _Zygote(options=self.options)
+        except RuntimeError:  # once more before the worker's task fails for an infrastructure reason
+            z = _Zygote(options=self.options)
+        self._zygotes[threading.get_ident()] = z
         self.protections = z.protections
         return z
 
