@@ -31,14 +31,15 @@ INSTRUCTIONS = {
 }
 
 
-def grammar_workflows(family: str) -> dict[str, str]:
-    """Every `first` option alone and followed by each single `then` option, with the family's plain instruction."""
+def grammar_workflows(family: str, then: bool = True) -> dict[str, str]:
+    """Every `first` option alone and (``then``) followed by each single `then` option, with the family's plain
+    instruction."""
     from spogw.workflows.guide import load_guide
 
     guide = load_guide(family)
     out = {}
     for i in range(len(guide.first)):
-        for j in range(len(guide.then) + 1):
+        for j in range(len(guide.then) + 1) if then else [len(guide.then)]:
             path = [i, j] if j < len(guide.then) else [i, len(guide.then)]
             if j < len(guide.then) and guide.max_then > 1:
                 path.append(len(guide.then))
@@ -56,7 +57,7 @@ async def run_benchmark(name: str, args, executor) -> dict:
     records = load_benchmark(name, "train", data_dir=args.data_dir, limit=args.limit)
     family = records[0].family
     workflows = {b: baseline_workflow(b, family) for b in BASELINES}
-    workflows.update(grammar_workflows(family))
+    workflows.update(grammar_workflows(family, then=args.variants == "all"))
     jobs = [(w, r) for w in workflows for r in records]
     start = time.perf_counter()
     from spogw.runtime.sandbox import SandboxLimits
@@ -138,6 +139,9 @@ def main() -> None:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--max_tokens", type=int, default=192)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--variants", choices=["all", "first"], default="all",
+                   help="grammar structures besides the six baselines: every first step alone and with each `then`"
+                   " step (all), or each first step alone (first: about half the executor calls)")
     p.add_argument("--out", default="runs/spread")
     args = p.parse_args()
     from spogw.runtime.cache import CachedExecutor
