@@ -7,9 +7,9 @@ option, alone and followed by each `then` option, with a plain instruction) run 
 spread between the best and the worst (code benchmarks: pass/fail, the paper's metric, and the share of tests
 passed, the partial credit a run can train on). Held-out (test) queries are never touched.
 
-    python -m vllm.entrypoints.openai.api_server --model ~/.cache/spogw/models/smollm2-135m-instruct ... &
-    python scripts/workflow_spread.py --base_url http://127.0.0.1:8000/v1 --model smollm2 \\
-        --benchmarks drop hotpotqa math humaneval mbpp --limit 30 --data_dir ../shared/data/aflow
+    python scripts/workflow_spread.py --benchmarks drop hotpotqa math humaneval mbpp --limit 30 \\
+        --data_dir ../shared/data/aflow          # spogw's engine: the embedded executor, bf16, as in the loop
+    python scripts/workflow_spread.py --base_url http://127.0.0.1:8000/v1 --model smollm2 ...   # your server
 
 Writes ``<out>/spread.json`` and ``<out>/spread.md``; executor replies are cached in ``<out>``, so a rerun
 with more workflows pays only for the new ones.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import time
@@ -135,8 +136,9 @@ def main() -> None:
     p.add_argument("--benchmarks", nargs="+", default=["drop", "hotpotqa", "math", "humaneval", "mbpp"])
     p.add_argument("--limit", type=int, default=30)
     p.add_argument("--data_dir", default="../shared/data/aflow")
-    p.add_argument("--base_url", required=True)
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--base_url", help="an OpenAI-compatible server of your own (else spogw starts its engine)")
+    p.add_argument("--model", default="embedded", help="the served model name with --base_url; else the engine's")
+    p.add_argument("--dtype", default="bfloat16", help="the engine's dtype (without --base_url)")
     p.add_argument("--max_tokens", type=int, default=192)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--variants", choices=["all", "first"], default="all",
@@ -152,21 +154,31 @@ def main() -> None:
     # earlier benchmarks' rows are kept (a run per benchmark adds to the same table)
     rows = [r for r in (json.loads((out / "spread.json").read_text()) if (out / "spread.json").is_file() else [])
             if r["benchmark"] not in args.benchmarks]
-    for name in args.benchmarks:
-        async def one(name=name):
-            executor = CachedExecutor(OpenAIExecutor(args.base_url, args.model, concurrency=args.concurrency,
-                                                     timeout_s=600.0), out / "executor_cache.sqlite")
-            try:
-                return await run_benchmark(name, args, executor)
-            finally:
-                await executor.executor.aclose()
+    with contextlib.ExitStack() as stack:
+        if args.base_url:  # a server of your own
+            url, model, identity = args.base_url, args.model, None
+        else:  # spogw's engine for the embedded model (or --model), as `spogw iterate` starts it
+            from spogw.engine import EngineOptions, open_engine
+            from spogw.engine.server import SERVED_NAME
 
-        row = asyncio.run(one())
-        rows.append(row)
-        print(markdown([row]), flush=True)
-        (out / "spread.json").write_text(json.dumps(rows, indent=2))
-        (out / "spread.md").write_text(markdown(rows))
+            engine = stack.enter_context(open_engine(EngineOptions(dtype=args.dtype), args.model, out))
+            if engine.ready() is None:
+                raise SystemExit("workflow_spread: the engine could not start (see above); pass --base_url instead")
+            url, model, identity = engine.url, SERVED_NAME, engine.identity
+        for name in args.benchmarks:
+            async def one(name=name):
+                executor = CachedExecutor(OpenAIExecutor(url, model, concurrency=args.concurrency, timeout_s=600.0,
+                                                         identity=identity), out / "executor_cache.sqlite")
+                try:
+                    return await run_benchmark(name, args, executor)
+                finally:
+                    await executor.executor.aclose()
 
+            row = asyncio.run(one())
+            rows.append(row)
+            print(markdown([row]), flush=True)
+            (out / "spread.json").write_text(json.dumps(rows, indent=2))
+            (out / "spread.md").write_text(markdown(rows))
 
 if __name__ == "__main__":
     main()
