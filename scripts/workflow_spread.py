@@ -8,7 +8,7 @@ spread between the best and the worst (code benchmarks: pass/fail, the paper's m
 passed, the partial credit a run can train on). Held-out (test) queries are never touched.
 
     python scripts/workflow_spread.py --benchmarks drop hotpotqa math humaneval mbpp --limit 30 \\
-        --data_dir ../shared/data/aflow          # spogw's engine: the embedded executor, bf16, as in the loop
+        --data_dir ../shared/data/aflow          # spogw's engine: the embedded executor, as in the loop
     python scripts/workflow_spread.py --base_url http://127.0.0.1:8000/v1 --model smollm2 ...   # your server
 
 Writes ``<out>/spread.json`` and ``<out>/spread.md``; executor replies are cached in ``<out>``, so a rerun
@@ -138,7 +138,8 @@ def main() -> None:
     p.add_argument("--data_dir", default="../shared/data/aflow")
     p.add_argument("--base_url", help="an OpenAI-compatible server of your own (else spogw starts its engine)")
     p.add_argument("--model", default="embedded", help="the served model name with --base_url; else the engine's")
-    p.add_argument("--dtype", default="bfloat16", help="the engine's dtype (without --base_url)")
+    p.add_argument("--dtype", default="native",
+                   help="the engine's dtype (without --base_url); native: bfloat16 where the CPU computes it")
     p.add_argument("--max_tokens", type=int, default=192)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--variants", choices=["all", "first"], default="all",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +83,7 @@ class SPOGWCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         # No --trainer.logger: a CSV copy in the run dir + W&B; a run dir per `wandb agent` run (spogw.tracking).
+        warn_emulated_bf16(config)
         return super()._instantiate_trainer(resolve_trainer_config(config), callbacks)
 
     def before_fit(self) -> None:
@@ -97,6 +99,19 @@ class SPOGWCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as e:
             self.parser.error(str(e))
+
+
+def warn_emulated_bf16(trainer_config: dict) -> bool:
+    """bf16 precision on a CPU that only emulates it (no AMX / AVX-512 bf16) is many times slower than
+    float32: say so, with the flag that fixes it. Returns whether it warned."""
+    from spogw.engine.options import native_bf16
+
+    precision, accelerator = str(trainer_config.get("precision")), str(trainer_config.get("accelerator", "auto"))
+    if not precision.startswith("bf16") or accelerator not in ("cpu", "auto") or native_bf16():
+        return False
+    warnings.warn(f"`--trainer.precision {precision}` on a CPU without AMX or AVX-512 bf16: bf16 is emulated here, "
+                  "many times slower than float32; pass `--trainer.precision 32-true`", stacklevel=2)
+    return True
 
 
 def run_fit(args: list[str] | None = None, run: bool = True) -> SPOGWCLI:

@@ -250,3 +250,35 @@ def test_options_name_the_flag():
         from spogw.engine.server import find_python
 
         find_python(EngineOptions(python="/nowhere/python"))
+
+
+def test_native_dtype_is_bf16_only_where_the_cpu_computes_it(tmp_path, monkeypatch):
+    from spogw.engine import options as opts
+
+    avx2 = tmp_path / "avx2"
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    amx = tmp_path / "amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    zen4 = tmp_path / "zen4"
+    zen4.write_text("flags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert not opts.cpu_bf16(avx2) and opts.cpu_bf16(amx) and opts.cpu_bf16(zen4)
+    assert not opts.cpu_bf16(tmp_path / "missing")
+    for native, resolved in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(opts, "native_bf16", lambda native=native: native)
+        assert EngineOptions().dtype == resolved == EngineOptions(dtype="native").dtype
+        assert EngineOptions(dtype="float32").dtype == "float32"
+    with pytest.warns(UserWarning, match="--engine.dtype native"):  # still False: emulated bf16 is named
+        assert EngineOptions(dtype="bfloat16").dtype == "bfloat16"
+
+
+def test_fit_warns_about_emulated_bf16_precision(monkeypatch):
+    from spogw.cli import warn_emulated_bf16
+    from spogw.engine import options as opts
+
+    monkeypatch.setattr(opts, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="--trainer.precision 32-true"):
+        assert warn_emulated_bf16({"precision": "bf16-mixed", "accelerator": "cpu"})
+    assert not warn_emulated_bf16({"precision": "32-true", "accelerator": "cpu"})
+    assert not warn_emulated_bf16({"precision": "bf16-mixed", "accelerator": "gpu"})
+    monkeypatch.setattr(opts, "native_bf16", lambda: True)
+    assert not warn_emulated_bf16({"precision": "bf16-mixed", "accelerator": "auto"})

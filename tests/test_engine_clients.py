@@ -47,7 +47,7 @@ def test_generator_sends_token_ids_seeds_and_the_grammar_and_returns_n_in_order(
     with open_engine(options(), tiny_model, tmp_path) as engine:
         gen = make_generator(tiny_model, backend="engine", engine=engine)
         gen.guided = "regex"
-        assert isinstance(gen, Generator) and gen.identity == f"engine:{tiny_model}:bfloat16"
+        assert isinstance(gen, Generator) and gen.identity == f"engine:{tiny_model}:{engine.options.dtype}"
         arrived = []
         out = gen.generate(PROMPTS, n=3, temperature=0.8, top_p=0.9, max_new_tokens=64, seed=[10, 20], guide="code",
                            on_prompt=lambda i, texts: arrived.append((i, texts)))

@@ -195,7 +195,9 @@ def test_run_many_loses_nothing_and_a_warm_cache_rerun_makes_zero_requests(tmp_p
                 await ex.aclose()
 
         def cached():
-            return CachedExecutor(executor(stub, max_retries=1, timeout_s=0.5), tmp_path / "s.sqlite")
+            # 1.5 s: a hanging call must time out, but a 0.05 s reply on busy cores must not (a malformed
+            # reply that timed out would be retried and asked twice)
+            return CachedExecutor(executor(stub, max_retries=1, timeout_s=1.5), tmp_path / "s.sqlite")
 
         cold, total = asyncio.run(stage(cached()))
         assert [r.status for r in cold] == [MIXED[k][2] for k in kinds]

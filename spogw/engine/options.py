@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import shutil
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 
@@ -12,9 +16,12 @@ class EngineOptions:
     and the generator (``--sampling.backend engine``) on the same base model. Where vLLM is missing or cannot
     start, both fall back to the transformers backends with a one-line message (``fallback: false`` fails)."""
 
-    dtype: Literal["bfloat16", "float32", "float16", "auto"] = "bfloat16"
-    """Weights and compute dtype. bfloat16: ~2.5x faster on a CPU with AMX/AVX-512 bf16; float32 reproduces the
-    transformers backends' outputs exactly. Recorded in the run's records and the cache identity."""
+    dtype: Literal["native", "bfloat16", "float32", "float16", "auto"] = "native"
+    """Weights and compute dtype. native (default): bfloat16 where the hardware computes it (a GPU, or a CPU
+    with AMX or AVX-512 bf16), else float32; resolved when the options are made, so the records and the cache
+    identity name the dtype that ran. bfloat16: ~2.5x float32's speed on a CPU with AMX/AVX-512 bf16, and ~50x
+    *slower* on one without (emulated; a warning says so); float32 reproduces the transformers backends'
+    outputs exactly. auto: vLLM's choice from the model's config."""
     python: str | None = None
     """The interpreter that has vLLM. None: $SPOGW_ENGINE_PYTHON, else .venv-vllm/bin/python of the checkout or
     the working directory (`make install` builds it), else this interpreter if it can import vllm."""
@@ -47,6 +54,11 @@ class EngineOptions:
     (the vLLM flags follow). For tests and other OpenAI-compatible servers."""
 
     def __post_init__(self) -> None:
+        if self.dtype == "native":
+            self.dtype = "bfloat16" if native_bf16() else "float32"
+        elif self.dtype == "bfloat16" and not native_bf16():
+            warnings.warn("`--engine.dtype bfloat16` on a CPU without AMX or AVX-512 bf16: vLLM emulates it, ~50x "
+                          "slower than float32 here; pass `--engine.dtype native` (or float32)", stacklevel=2)
         if self.port is not None and not 0 < self.port < 65536:
             raise ValueError(f"`--engine.port` must be in 1..65535 or null, got {self.port}")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
@@ -62,3 +74,24 @@ class EngineOptions:
         if self.max_lora_rank not in VLLM_LORA_RANKS:
             raise ValueError(f"`--engine.max_lora_rank` must be one of {', '.join(map(str, VLLM_LORA_RANKS))} "
                              f"(vLLM's LoRA kernels), got {self.max_lora_rank}")
+
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 natively: an NVIDIA GPU, or a CPU with AMX or AVX-512 bf16."""
+    return (shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()) or cpu_bf16()
+
+
+def cpu_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU flags AMX or AVX-512 bf16 (Sapphire Rapids and later, Zen 4 and later). Elsewhere
+    (AVX2-only CPUs; no /proc/cpuinfo, as on macOS) bf16 matrix products are emulated."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
