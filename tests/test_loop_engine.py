@@ -14,6 +14,7 @@ import yaml
 from test_engine import STANDIN, group_members
 from test_loop import AFLOW, kill_when, start, write_config
 
+from spogw.engine import EngineOptions
 from spogw.sampling import read_jsonl_tolerant
 
 pytestmark = pytest.mark.skipif(not (AFLOW / "humaneval_validate.jsonl").is_file(), reason="needs ../shared/data/aflow")
@@ -65,7 +66,8 @@ def test_one_engine_serves_every_stage_of_a_run(tmp_path, tiny_model, standin_en
     assert proc.returncode == 0, out[-4000:]
     run = tmp_path / "run"
     samples = read_jsonl_tolerant(run / "iter-1" / "samples.jsonl")
-    assert len(samples) == 12 and all(s["valid"] and s["generator"] == f"engine:{tiny_model}:bfloat16"
+    dtype = EngineOptions().dtype  # the default, native: bfloat16 where the CPU computes it, else float32
+    assert len(samples) == 12 and all(s["valid"] and s["generator"] == f"engine:{tiny_model}:{dtype}"
                                       for s in samples)
     scores = {s["score"] for s in read_jsonl_tolerant(run / "iter-1" / "scored.jsonl")}
     assert {0.0, 1.0} <= scores  # the plan-then-code workflows got the right code
@@ -73,13 +75,13 @@ def test_one_engine_serves_every_stage_of_a_run(tmp_path, tiny_model, standin_en
     assert log.count("spogw starts:") == 1  # sample, score, evaluate: one server
     summary = json.loads((run / "summary.json").read_text())
     (engine,) = summary["engine"]
-    assert engine["backend"] == "vllm" and engine["dtype"] == "bfloat16" and engine["fallback_reason"] is None
+    assert engine["backend"] == "vllm" and engine["dtype"] == dtype and engine["fallback_reason"] is None
     assert summary["iterations"][0]["mean_score"] == pytest.approx(summary["iterations"][0]["score"]["score_mean"])
     # the evaluation's generator is the base model plus iteration 1's adapter, loaded into the same server
     (load,) = served(standin_env, "/v1/load_lora_adapter")
     assert load["lora_path"] == str((run / "iter-1" / "fit" / "adapter").resolve())
     assert "| Generator |" in (run / "eval" / "table.md").read_text()
-    assert "mean training score" in out and "engine: vllm, bfloat16" in out
+    assert "mean training score" in out and f"engine: vllm, {dtype}" in out
     pid = int(log.split("engine core pid ")[1].split()[0])
     assert gone(pid), "the engine outlived the run"
     assert not list((tmp_path / "registry").glob("*.json"))
