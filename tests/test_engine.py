@@ -157,7 +157,7 @@ PARENT = textwrap.dedent("""
 """)
 
 
-def start_parent(tmp_path, dtype: str = "bfloat16") -> tuple[subprocess.Popen, int, int]:
+def start_parent(tmp_path, dtype: str = "native") -> tuple[subprocess.Popen, int, int]:
     code = PARENT.format(standin=STANDIN, dtype=dtype, model=str(tmp_path), run=str(tmp_path / "run"))
     # Ctrl-C as in a terminal: a run started in the background (nohup, `cmd &`) inherits SIGINT ignored
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
@@ -192,8 +192,8 @@ def test_after_kill_9_the_next_run_adopts_the_server_or_stops_it(tmp_path):
     finally:
         again.stop()
     assert wait_gone(pid)
-    # a run with other settings stops the orphan and starts its own
-    parent, pid, port = start_parent(tmp_path, dtype="float32")
+    # a run with other settings stops the orphan and starts its own (float16: never what native resolves to)
+    parent, pid, port = start_parent(tmp_path, dtype="float16")
     parent.kill()
     parent.wait()
     other = EngineServer(options(), str(tmp_path), tmp_path / "run").launch()
