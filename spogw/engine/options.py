@@ -19,8 +19,8 @@ class EngineOptions:
     dtype: Literal["native", "bfloat16", "float32", "float16", "auto"] = "native"
     """Weights and compute dtype. native (default): bfloat16 where the hardware computes it (a GPU, or a CPU
     with AMX or AVX-512 bf16), else float32; resolved when the options are made, so the records and the cache
-    identity name the dtype that ran. bfloat16: ~2.5x float32's speed on a CPU with AMX/AVX-512 bf16, and ~50x
-    *slower* on one without (emulated; a warning says so); float32 reproduces the transformers backends'
+    identity name the dtype that ran. bfloat16: ~2.5x float32's speed on a CPU with AMX/AVX-512 bf16, and several
+    times *slower* on one without (emulated: ~80x slower matrix products; a warning says so); float32 reproduces the transformers backends'
     outputs exactly. auto: vLLM's choice from the model's config."""
     python: str | None = None
     """The interpreter that has vLLM. None: $SPOGW_ENGINE_PYTHON, else .venv-vllm/bin/python of the checkout or
@@ -57,8 +57,8 @@ class EngineOptions:
         if self.dtype == "native":
             self.dtype = "bfloat16" if native_bf16() else "float32"
         elif self.dtype == "bfloat16" and not native_bf16():
-            warnings.warn("`--engine.dtype bfloat16` on a CPU without AMX or AVX-512 bf16: vLLM emulates it, ~50x "
-                          "slower than float32 here; pass `--engine.dtype native` (or float32)", stacklevel=2)
+            warnings.warn("`--engine.dtype bfloat16` on a CPU without AMX or AVX-512 bf16: vLLM emulates it, several "
+                          "times slower than float32 here; pass `--engine.dtype native` (or float32)", stacklevel=2)
         if self.port is not None and not 0 < self.port < 65536:
             raise ValueError(f"`--engine.port` must be in 1..65535 or null, got {self.port}")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
@@ -76,11 +76,14 @@ class EngineOptions:
                              f"(vLLM's LoRA kernels), got {self.max_lora_rank}")
 
 
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
+
 
 @functools.cache
 def native_bf16() -> bool:
     """Whether this machine computes bfloat16 natively: an NVIDIA GPU, or a CPU with AMX or AVX-512 bf16."""
-    return (shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()) or cpu_bf16()
+    return has_gpu() or cpu_bf16()
 
 
 def cpu_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:

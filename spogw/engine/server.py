@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from spogw.engine import process as proc_
-from spogw.engine.options import EngineOptions
+from spogw.engine.options import EngineOptions, has_gpu
 
 SERVED_NAME = "base"
 """The name the base model is served under (requests for an adapter name the adapter instead)."""
@@ -73,10 +72,6 @@ def find_python(options: EngineOptions) -> str:
         return sys.executable
     raise EngineUnavailable("vLLM is not installed (no --engine.python, $SPOGW_ENGINE_PYTHON or .venv-vllm, and "
                             "this interpreter cannot import vllm; `make install` sets it up on Linux x86-64)")
-
-
-def has_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and Path("/dev/nvidia0").exists()
 
 
 class EngineServer:
