@@ -20,8 +20,8 @@ class EngineOptions:
     """Weights and compute dtype. native (default): bfloat16 where the hardware computes it (a GPU, or a CPU
     with AMX or AVX-512 bf16), else float32; resolved when the options are made, so the records and the cache
     identity name the dtype that ran. bfloat16: ~2.5x float32's speed on a CPU with AMX/AVX-512 bf16, and several
-    times *slower* on one without (emulated: ~80x slower matrix products; a warning says so); float32 reproduces the transformers backends'
-    outputs exactly. auto: vLLM's choice from the model's config."""
+    times *slower* on one without (emulated: ~80x slower matrix products; a warning says so); float32 reproduces
+    the transformers backends' outputs exactly. auto: vLLM's choice from the model's config."""
     python: str | None = None
     """The interpreter that has vLLM. None: $SPOGW_ENGINE_PYTHON, else .venv-vllm/bin/python of the checkout or
     the working directory (`make install` builds it), else this interpreter if it can import vllm."""
