@@ -66,3 +66,18 @@ def not_json(payload, rpc):
 
 def exits(payload, rpc):
     sys.exit(payload.get("code", 0))
+
+
+def slow_calls(payload, rpc):
+    """Blocking calls the parent takes its time to answer; the child itself does almost nothing."""
+    return [rpc.call({"op": "sleep", "s": payload["s"]})["s"] for _ in range(payload["n"])]
+
+
+def calls_then_spins(payload, rpc):
+    """Slow calls, then a loop of its own that never ends: its own time must still run out."""
+    for _ in range(payload["n"]):
+        rpc.call({"op": "sleep", "s": payload["s"]})
+    import time
+
+    while True:
+        time.sleep(0.05)

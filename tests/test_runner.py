@@ -106,6 +106,22 @@ def test_a_hanging_workflow_times_out():
     assert result.status == "timeout" and result.output is None
 
 
+@pytest.mark.parametrize("sandbox", [True, False], ids=["sandboxed", "in_process"])
+def test_a_slow_executor_is_not_the_workflows_timeout(sandbox):
+    """Four calls to an executor that takes 0.6 s each outlast a 1.5 s wall limit: a queue or a busy machine is not
+    the workflow's fault (its clock stands still while a call is answered). With max_wait_s=0 it counts, as before."""
+    code = workflow("out = ''\nfor i in range(4):\n"
+                    "    out = (await self.custom(input=problem + str(i), instruction='Solve.'))['response']\n"
+                    "return out")
+    limits = SandboxLimits(wall_s=1.5, cpu_s=1.0)
+    with OpenAIStub(StubConfig(responder=RESPONDER, latency=0.6)) as stub:
+        result = run(stub, code, limits=limits, sandbox=sandbox)
+        assert result.status == "ok", result.reason
+        assert result.usage.calls == 4 and result.duration_s > 2.4
+        result = run(stub, code, limits=limits, sandbox=sandbox, max_wait_s=0.0)
+    assert result.status == "timeout"
+
+
 def test_executor_failure_wins_even_when_the_workflow_swallows_it():
     code = workflow("""
 try:

@@ -468,6 +468,8 @@ async def _handler(request: dict) -> dict:
         raise ValueError("handler exploded")
     if request["op"] == "slow":
         await asyncio.sleep(0.5)
+    if request["op"] == "sleep":
+        await asyncio.sleep(request["s"])
     return request
 
 
@@ -521,6 +523,49 @@ def test_run_entry_handler_never_replies():
 
     res = asyncio.run(run_entry(f"{ENTRIES}:echo", {"x": 1}, handler=stuck, limits=SandboxLimits(wall_s=1)))
     assert res.status == "timeout"
+
+
+def test_run_entry_time_spent_answering_is_not_the_childs():
+    """A child whose requests take the parent 3 s to answer is not timed out by a 1 s wall limit (the executor's
+    queue is not the workflow's fault); without max_wait_s it is, as before."""
+    slow = {"n": 5, "s": 0.6}
+    res = entry("slow_calls", slow, limits=SandboxLimits(wall_s=1), max_wait_s=60)
+    assert res.status == "ok", (res.status, res.reason)
+    assert res.value == [0.6] * 5 and 2.9 < res.waited_s < res.duration_s
+    res = entry("slow_calls", slow, limits=SandboxLimits(wall_s=1))
+    assert res.status == "timeout" and res.waited_s == 0.0
+
+
+def test_run_entry_paused_clock_still_stops_the_childs_own_loop():
+    t0 = time.perf_counter()
+    res = entry("calls_then_spins", {"n": 3, "s": 0.6}, limits=SandboxLimits(wall_s=1), max_wait_s=60)
+    took = time.perf_counter() - t0
+    assert res.status == "timeout" and "not counting" in res.reason, res.reason
+    assert 1.7 < res.waited_s < 3.0 and took < res.waited_s + 1 + 4  # its own second, plus start-up
+
+
+def test_run_entry_max_wait_bounds_a_handler_that_never_replies():
+    async def stuck(request):
+        await asyncio.sleep(3600)
+
+    t0 = time.perf_counter()
+    res = asyncio.run(run_entry(f"{ENTRIES}:echo", {"x": 1}, handler=stuck, limits=SandboxLimits(wall_s=1),
+                                max_wait_s=1.5))
+    assert res.status == "timeout" and 1.4 < res.waited_s < 1.6
+    assert 2.5 < time.perf_counter() - t0 < 8
+
+
+def test_pool_entry_pauses_only_its_own_task():
+    """Two entries in turn on one warm zygote: the first's pauses do not leak into the second's clock."""
+    with SandboxPool.for_entry(f"{ENTRIES}:slow_calls", workers=1, limits=SandboxLimits(wall_s=1)) as p:
+        async def both():
+            first = await p.arun_entry(f"{ENTRIES}:slow_calls", {"n": 3, "s": 0.6}, handler=_handler, max_wait_s=60)
+            second = await p.arun_entry(f"{ENTRIES}:never_returns", {}, handler=_handler, max_wait_s=60)
+            return first, second
+
+        first, second = asyncio.run(both())
+    assert first.status == "ok" and first.waited_s > 1.7, first.reason
+    assert second.status == "timeout" and second.waited_s == 0.0 and second.duration_s < 2.5
 
 
 def test_run_entry_garbage_on_stdout_and_rpc():

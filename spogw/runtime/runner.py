@@ -16,7 +16,9 @@ Outcome of a run (``WorkflowResult.status``):
 * ``ok`` — the workflow returned; ``output`` is its answer as a string.
 * ``invalid`` — the generated text is not a valid workflow (``reason`` says why); nothing ran.
 * ``error`` — the workflow raised, crashed, ran out of memory or broke the RPC protocol.
-* ``timeout`` — it exceeded ``limits.wall_s`` (or its CPU time).
+* ``timeout`` — it exceeded ``limits.wall_s`` of its own time (its clock stands still while an executor call or a
+  program run is being answered: those have limits of their own, and a busy machine is not the workflow's fault)
+  or its CPU time.
 * ``executor_error`` — an executor call failed for good (after retries). This wins over any other
   outcome, even when the workflow caught the exception: the score would measure the API, not the
   workflow, so the score stage can retry or drop it instead of training on it.
@@ -29,6 +31,7 @@ records its reason and never cancels the others.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -38,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from spogw.runtime.executor import ChatResult, Executor, Usage
+from spogw.runtime.sandbox_rpc import WaitClock
 from spogw.workflows.execute import HandleBase, call_workflow
 from spogw.workflows.operators import ExecutorCallError
 
@@ -72,6 +76,11 @@ class WorkflowResult:
     def from_dict(cls, d: dict[str, Any]) -> WorkflowResult:
         """Inverse of :meth:`to_dict` (a resumed score stage reads its artifact back)."""
         return cls(**{**d, "usage": Usage(**d.get("usage", {}))})
+
+
+MAX_WAIT_S = 1800.0
+"""At most this many seconds of a run's executor calls and program runs stand its wall clock still (each call has
+its own time-out and retries, a run at most ``max_calls`` of them): beyond it they count against ``wall_s`` too."""
 
 
 def default_workflow_limits():
@@ -186,15 +195,24 @@ class DirectLLM(HandleBase):
 
         super().__init__(family, load_family(family).prompts, public_tests, entry_point)
         self.context = context
+        self.clock = WaitClock()  # the workflow's wall limit does not count its executor calls and program runs
 
     async def ask(self, prompt: str) -> str:
-        result = await self.context.chat([{"role": "user", "content": prompt}])
+        self.clock.begin()
+        try:
+            result = await self.context.chat([{"role": "user", "content": prompt}])
+        finally:
+            self.clock.end()
         if not result.ok:
             raise ExecutorCallError(result.error)
         return result.text
 
     async def run_code(self, code: str, *, timeout_s: float = 10.0) -> dict:
-        return await self.context.run_code(code, timeout_s)
+        self.clock.begin()
+        try:
+            return await self.context.run_code(code, timeout_s)
+        finally:
+            self.clock.end()
 
 
 # -- the parent side --------------------------------------------------------------------------------
@@ -216,11 +234,12 @@ def problem_inputs(problem: dict, needs_entry_point: bool) -> tuple[str, str | N
 async def run_workflow(code: str, problem: dict, family: str, executor: Executor, *, limits=None,
                        run_index: int = 0, temperature: float = 0.0, max_tokens: int = 1024,
                        code_runner: CodeRunner | None = None, sandbox: bool = True, max_calls: int = 64,
-                       max_code_runs: int = 32, entry_pool=None) -> WorkflowResult:
+                       max_code_runs: int = 32, entry_pool=None, max_wait_s: float = MAX_WAIT_S) -> WorkflowResult:
     """Validate and run one generated workflow on one problem; every outcome is a :class:`WorkflowResult`.
 
     ``max_calls`` / ``max_code_runs`` cap one run's executor calls and program runs (see :class:`CallContext`).
-    ``entry_pool``: a :func:`workflow_pool` to run the workflow in (else a one-shot sandbox).
+    ``entry_pool``: a :func:`workflow_pool` to run the workflow in (else a one-shot sandbox). ``limits.wall_s``
+    bounds the workflow's own time: up to ``max_wait_s`` of its executor calls and program runs is not counted.
     ``sandbox=False`` runs the workflow class in this process (for trusted, hand-written workflows:
     templates and benchmarks); the programs its operators write still run in the sandbox.
     """
@@ -239,15 +258,17 @@ async def run_workflow(code: str, problem: dict, family: str, executor: Executor
     limits = limits or default_workflow_limits()
     if sandbox:
         outcome = await _run_sandboxed(parsed.code, spec, question, entry_point, public_tests, context, limits,
-                                       entry_pool)
+                                       entry_pool, max_wait_s)
     else:
         llm = DirectLLM(context, family, public_tests=public_tests, entry_point=entry_point)
         try:
-            outcome = await asyncio.wait_for(call_workflow(parsed.code, spec.offered, llm, question, entry_point),
-                                             limits.wall_s)
+            outcome = await _within(call_workflow(parsed.code, spec.offered, llm, question, entry_point),
+                                    limits.wall_s, llm.clock, max_wait_s)
         except asyncio.TimeoutError:
-            outcome = {"status": "timeout", "reason": f"workflow exceeded {limits.wall_s:g} s",
-                       "warnings": llm.warnings}
+            waited = min(llm.clock.stood_s(), max_wait_s)
+            outcome = {"status": "timeout", "warnings": llm.warnings,
+                       "reason": f"workflow exceeded {limits.wall_s:g} s (not counting {waited:.1f} s waiting on the "
+                                 "executor)"}
     status, reason = outcome["status"], outcome.get("reason", "")
     if context.over_budget:
         status, reason = "error", context.over_budget
@@ -257,16 +278,35 @@ async def run_workflow(code: str, problem: dict, family: str, executor: Executor
                           time.perf_counter() - start, list(outcome.get("warnings") or []), list(parsed.operators_used))
 
 
+async def _within(coro, wall_s: float, clock, max_wait_s: float) -> dict:
+    """``coro``'s result, or ``asyncio.TimeoutError`` once it has run ``wall_s`` seconds of its own: up to
+    ``max_wait_s`` of the time ``clock`` stood still (its executor calls and program runs) is not counted."""
+    task = asyncio.ensure_future(coro)
+    start = time.monotonic()
+    try:
+        while not task.done():
+            left = start + wall_s + min(clock.stood_s(), max_wait_s) - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError
+            await asyncio.wait({task}, timeout=min(left, 5.0))
+        return task.result()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 async def _run_sandboxed(code, spec, question, entry_point, public_tests, context: CallContext, limits,
-                         entry_pool=None) -> dict:
+                         entry_pool=None, max_wait_s: float = MAX_WAIT_S) -> dict:
     from spogw.runtime.sandbox import run_entry
 
     payload = {"code": code, "family": spec.name, "offered": list(spec.offered), "prompts": spec.prompts,
                "question": question, "entry_point": entry_point, "public_tests": public_tests}
     if entry_pool is not None:
-        res = await entry_pool.arun_entry(ENTRY, payload, handler=context.handle, limits=limits)
+        res = await entry_pool.arun_entry(ENTRY, payload, handler=context.handle, limits=limits, max_wait_s=max_wait_s)
     else:
-        res = await run_entry(ENTRY, payload, handler=context.handle, limits=limits)
+        res = await run_entry(ENTRY, payload, handler=context.handle, limits=limits, max_wait_s=max_wait_s)
     if res.status == "ok" and isinstance(res.value, dict) and res.value.get("status") in STATUSES:
         return res.value
     if res.status == "ok":

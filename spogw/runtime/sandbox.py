@@ -23,9 +23,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import importlib.util
+import itertools
 import json
 import os
 import queue
+import select
 import socket
 import subprocess
 import sys
@@ -58,7 +60,8 @@ class SandboxLimits:
     """Per-program limits. Memory is enforced per process (RLIMIT_AS) and for the whole tree (memory cgroup)."""
 
     wall_s: float = 10.0
-    """Wall-clock seconds before the whole process tree is killed."""
+    """Wall-clock seconds before the whole process tree is killed. An entry's clock stands still while the parent
+    answers one of its RPC requests (those calls have limits of their own): a busy machine is not its timeout."""
     cpu_s: float = 10.0
     """CPU seconds (RLIMIT_CPU, rounded up to whole seconds) per process; wall_s bounds the whole tree."""
     memory_mb: int = 1024
@@ -98,6 +101,8 @@ class SandboxResult:
     message, where), ``notes``, ``stderr`` (the tests' own). stdout/stderr/events above are the solution's."""
     solution: dict | None = None
     """Checks only: the solution process's status, reason and exit code (diagnostics; never a verdict)."""
+    waited_s: float = 0.0
+    """Entries only: the seconds not counted against ``wall_s``: the parent was answering the child's requests."""
     protections: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -195,14 +200,21 @@ class _Zygote:
             raise RuntimeError(f"sandbox zygote failed to start: {hello.get('error')}")
         self.protections: dict[str, str] = hello["protections"]
         self.uids: list[int] = list(hello["uids"])
+        self._paused_since: float | None = None
+        self._stood = 0.0
+        self._tid = None  # the running task's id: a pause for an earlier task is dropped
 
     def run(self, task: dict, fds: Iterable[int] = ()) -> SandboxResult:
         """Send the task (``fds`` ride along and are closed here), wait for its result."""
         fds = list(fds)
+        wall = float(task["limits"]["wall_s"]) + self.GRACE_S
+        max_wait = float(task.get("max_wait_s") or 0.0)
         try:
             with self._lock:
-                self.sock.settimeout(float(task["limits"]["wall_s"]) + self.GRACE_S)
+                self._paused_since, self._stood, self._tid = None, 0.0, task.get("tid")
+                self.sock.settimeout(wall)
                 self._wire.send(self.sock, task, fds)
+                start = time.monotonic()
         except OSError as e:
             self.close()
             return _failure("sandbox_error", f"sandbox zygote lost: {e!r}", protections=self.protections)
@@ -210,7 +222,17 @@ class _Zygote:
             for fd in fds:
                 os.close(fd)
         try:
+            while True:  # the zygote's deadline moves while it is paused; so does ours
+                paused, now = self._paused_since, time.monotonic()
+                stood = self._stood + (now - paused if paused is not None else 0.0)
+                left = start + wall + min(stood, max_wait) - now
+                if left <= 0:
+                    raise TimeoutError(f"no result {wall:g} s after the task's wall limit")
+                if select.select([self.sock], [], [], min(left, 5.0))[0]:
+                    break
             res, _ = self._wire.recv(self.sock)
+            with self._lock:
+                self._tid = None
         except (OSError, EOFError, ValueError) as e:  # socket.timeout is an OSError
             self.close()
             return _failure("sandbox_error", f"sandbox zygote lost: {e!r}", protections=self.protections)
@@ -220,6 +242,20 @@ class _Zygote:
         """Kill the running task's children (its result still comes back from ``run``)."""
         with contextlib.suppress(OSError), self._lock:
             self._wire.send(self.sock, {"op": "cancel"})
+
+    def pause(self, paused: bool, tid) -> None:
+        """Stop (``True``) or restart the wall clock of entry task ``tid``: the parent is answering its requests."""
+        with contextlib.suppress(OSError), self._lock:
+            if tid is None or tid != self._tid:
+                return
+            if paused and self._paused_since is None:
+                self._paused_since = time.monotonic()
+            elif not paused and self._paused_since is not None:
+                self._stood += time.monotonic() - self._paused_since
+                self._paused_since = None
+            else:
+                return
+            self._wire.send(self.sock, {"op": "pause" if paused else "resume", "tid": tid})
 
     @property
     def alive(self) -> bool:
@@ -237,6 +273,7 @@ class _Zygote:
 
 
 _PROTECTIONS: dict[str, str] | None = None
+_TASK_IDS = itertools.count(1)  # entry tasks' ids, for their pause/resume frames
 
 
 def protections() -> dict[str, str]:
@@ -302,6 +339,12 @@ class _Item:
             zygote = self.zygote
         if zygote is not None:
             zygote.cancel()
+
+    def pause(self, paused: bool) -> None:
+        with self.lock:
+            zygote = self.zygote
+        if zygote is not None:
+            zygote.pause(paused, self.task.get("tid"))
 
 
 class SandboxPool:
@@ -426,7 +469,7 @@ class SandboxPool:
 
         def start(task: dict, fds: list[int]):
             item = self._submit(task, fds)
-            return item.future, item.cancel
+            return item.future, item.cancel, item.pause
 
         return await _entry(start, entry, payload, **kw, default_limits=self.limits)
 
@@ -459,7 +502,7 @@ class SandboxPool:
 async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awaitable[dict]] | None = None,
                     limits: SandboxLimits | None = None, max_message_bytes: int = 8 << 20,
                     max_requests: int = 10_000, max_in_flight: int = 64,
-                    hide_paths: Iterable[str] | None = None) -> SandboxResult:
+                    hide_paths: Iterable[str] | None = None, max_wait_s: float = 0.0) -> SandboxResult:
     """Run ``module:function`` (importable) in a sandboxed child as ``function(payload, rpc)``; its JSON return value
     comes back in ``result.value``.
 
@@ -468,7 +511,9 @@ async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awai
     beyond ``max_in_flight`` wait in the pipe (back-pressure); a frame over ``max_message_bytes``, a garbage frame or
     more than ``max_requests`` requests ends the child with status 'protocol'. Without a handler every request gets
     an error reply. The child sees the minimal root plus the entry's own package or file (``entry_paths``).
-    ``hide_paths``: as for run_program. Many entries: ``SandboxPool.for_entry(...).arun_entry``."""
+    ``hide_paths``: as for run_program. ``max_wait_s``: up to this many seconds in all, the child's wall clock stands
+    still while the handler is answering its requests (0: the handler's time counts against ``limits.wall_s``).
+    Many entries: ``SandboxPool.for_entry(...).arun_entry``."""
     if ":" not in entry:
         raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
     options = zygote_options(hide_paths, expose=entry_paths(entry))
@@ -486,15 +531,16 @@ async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awai
                 future.set_exception(e)
 
         threading.Thread(target=work, name="sandbox-run-entry", daemon=True).start()
-        return future, lambda: holder["z"].cancel() if "z" in holder else None
+        return (future, lambda: holder["z"].cancel() if "z" in holder else None,
+                lambda paused: holder["z"].pause(paused, task["tid"]) if "z" in holder else None)
 
     return await _entry(start, entry, payload, handler=handler, limits=limits, max_message_bytes=max_message_bytes,
-                        max_requests=max_requests, max_in_flight=max_in_flight)
+                        max_requests=max_requests, max_in_flight=max_in_flight, max_wait_s=max_wait_s)
 
 
 async def _entry(start, entry: str, payload: dict, *, handler=None, limits: SandboxLimits | None = None,
                  max_message_bytes: int = 8 << 20, max_requests: int = 10_000, max_in_flight: int = 64,
-                 default_limits: SandboxLimits | None = None) -> SandboxResult:
+                 default_limits: SandboxLimits | None = None, max_wait_s: float = 0.0) -> SandboxResult:
     from spogw.runtime.sandbox_rpc import RpcSession
 
     if ":" not in entry:
@@ -503,18 +549,19 @@ async def _entry(start, entry: str, payload: dict, *, handler=None, limits: Sand
     c2p_r, c2p_w = os.pipe()  # child -> parent requests
     p2c_r, p2c_w = os.pipe()  # parent -> child replies
     task = {"kind": "entry", "entry": entry, "payload": payload, "limits": asdict(limits),
-            "max_message_bytes": max_message_bytes}
+            "max_message_bytes": max_message_bytes, "tid": next(_TASK_IDS), "max_wait_s": float(max_wait_s)}
     t0 = time.monotonic()
     try:
-        future, cancel = start(task, [p2c_r, c2p_w])  # the child's ends travel to the zygote and are closed there
+        future, cancel, pause = start(task, [p2c_r, c2p_w])  # the child's ends go to the zygote, closed there
     except BaseException:
         for fd in (c2p_r, p2c_w):
             os.close(fd)
         raise
-    session = RpcSession(c2p_r, p2c_w, handler, max_message_bytes, max_requests, max_in_flight)
+    session = RpcSession(c2p_r, p2c_w, handler, max_message_bytes, max_requests, max_in_flight,
+                         on_pause=pause if max_wait_s > 0 else None)
     wait = _Zygote.START_TIMEOUT_S + limits.wall_s + _Zygote.GRACE_S
     try:
-        result, violation = await session.run(asyncio.wrap_future(future), cancel, wait)
+        result, violation = await session.run(asyncio.wrap_future(future), cancel, wait, max_wait_s)
     except asyncio.TimeoutError:
         cancel()
         return _failure("sandbox_error", "no result from the sandbox zygote", time.monotonic() - t0)

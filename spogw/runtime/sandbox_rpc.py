@@ -6,6 +6,10 @@ the parent stops reading: back-pressure). A frame over ``max_message_bytes``, a 
 ``max_requests`` requests is a protocol violation: the child is cancelled (the zygote kills it and still reports
 its output) and the result's status becomes ``protocol``. Used by ``spogw.runtime.sandbox.run_entry`` and
 ``SandboxPool.arun_entry``, which differ only in which zygote runs the child.
+
+While at least one request is being answered, ``on_pause(True)`` has stopped the child's wall clock (the zygote's
+deadline, and this session's own wait for the result, move on by that time, up to the entry's ``max_wait_s``);
+``on_pause(False)`` restarts it.
 """
 
 from __future__ import annotations
@@ -15,15 +19,48 @@ import contextlib
 import json
 import os
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+
+class WaitClock:
+    """How long at least one of a child's requests was being answered: the time its own clock stands still.
+
+    ``begin``/``end`` bracket each request; ``on_pause(True)`` fires when the first one starts and
+    ``on_pause(False)`` when the last one ends."""
+
+    def __init__(self, on_pause: Callable[[bool], None] | None = None):
+        self.on_pause = on_pause
+        self.answering = 0
+        self.paused_at: float | None = None
+        self.stood = 0.0
+
+    def stood_s(self) -> float:
+        """Seconds stood still so far, the running pause included."""
+        return self.stood + (time.monotonic() - self.paused_at if self.paused_at is not None else 0.0)
+
+    def begin(self) -> None:
+        self.answering += 1
+        if self.answering == 1:
+            self.paused_at = time.monotonic()
+            if self.on_pause is not None:
+                self.on_pause(True)
+
+    def end(self) -> None:
+        self.answering -= 1
+        if self.answering == 0 and self.paused_at is not None:
+            self.stood += time.monotonic() - self.paused_at
+            self.paused_at = None
+            if self.on_pause is not None:
+                self.on_pause(False)
 
 
 class RpcSession:
     """Serve one child's requests until its result (a future from the zygote's worker) is in."""
 
     def __init__(self, c2p_r: int, p2c_w: int, handler: Callable[[dict], Awaitable[Any]] | None, cap: int,
-                 max_requests: int, max_in_flight: int):
+                 max_requests: int, max_in_flight: int, on_pause: Callable[[bool], None] | None = None):
         self.c2p_r, self.p2c_w, self.handler = c2p_r, p2c_w, handler
         self.cap, self.max_requests = cap, max_requests
         self.in_flight = asyncio.Semaphore(max_in_flight)
@@ -32,15 +69,25 @@ class RpcSession:
         self.requests = 0
         self.writer: asyncio.WriteTransport | None = None
         self.read_transport: asyncio.ReadTransport | None = None
+        self.clock = WaitClock(on_pause)
 
-    async def run(self, result: asyncio.Future, cancel: Callable[[], None], timeout_s: float) -> tuple[Any, str | None]:
-        """(the zygote's result, the protocol violation or None). ``asyncio.TimeoutError`` if no result came."""
+    async def run(self, result: asyncio.Future, cancel: Callable[[], None], timeout_s: float,
+                  max_wait_s: float = 0.0) -> tuple[Any, str | None]:
+        """(the zygote's result, the protocol violation or None). ``asyncio.TimeoutError`` if no result came within
+        ``timeout_s``, not counting up to ``max_wait_s`` of the time spent answering requests."""
         reader = asyncio.get_running_loop().create_task(self._serve_requests())
+        start, cancelled = time.monotonic(), False
         try:
-            done, _ = await asyncio.wait({reader, result}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done and self.violation:
-                cancel()  # the zygote kills the child and still reports its output
-            res = await asyncio.wait_for(asyncio.shield(result), timeout=timeout_s)
+            while not result.done():
+                left = start + timeout_s + min(self.clock.stood_s(), max_wait_s) - time.monotonic()
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                waiting = {result} if reader.done() else {reader, result}
+                await asyncio.wait(waiting, timeout=min(left, 5.0), return_when=asyncio.FIRST_COMPLETED)
+                if reader.done() and self.violation and not cancelled:
+                    cancel()  # the zygote kills the child and still reports its output
+                    cancelled = True
+            res = result.result()
         finally:
             reader.cancel()
             await self.close()
@@ -73,28 +120,36 @@ class RpcSession:
             if self.requests > self.max_requests:
                 self.violation = f"more than max_requests={self.max_requests} rpc requests"
                 return
-            await self.in_flight.acquire()
+            self.clock.begin()
+            try:
+                await self.in_flight.acquire()
+            except BaseException:
+                self.clock.end()
+                raise
             t = asyncio.get_running_loop().create_task(self._answer(rid, request))
             self.tasks.add(t)
             t.add_done_callback(self.tasks.discard)
 
     async def _answer(self, rid, request) -> None:
         try:
-            if self.handler is None:
-                raise RuntimeError("no rpc handler in the parent")
-            reply = {"id": rid, "reply": await self.handler(request)}
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            reply = {"id": rid, "error": f"{type(e).__name__}: {e}"}
+            try:
+                if self.handler is None:
+                    raise RuntimeError("no rpc handler in the parent")
+                reply = {"id": rid, "reply": await self.handler(request)}
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                reply = {"id": rid, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                self.in_flight.release()
+            try:
+                data = _encode(reply)
+            except (TypeError, ValueError) as e:
+                data = _encode({"id": rid, "error": f"handler reply is not JSON: {e}"})
+            if self.writer is not None and not self.writer.is_closing():
+                self.writer.write(data)  # buffered when the pipe is full; the child is gone if it breaks
         finally:
-            self.in_flight.release()
-        try:
-            data = _encode(reply)
-        except (TypeError, ValueError) as e:
-            data = _encode({"id": rid, "error": f"handler reply is not JSON: {e}"})
-        if self.writer is not None and not self.writer.is_closing():
-            self.writer.write(data)  # buffered by the transport when the pipe is full; the child is gone if it breaks
+            self.clock.end()  # the child's clock restarts once the reply is on its way (or the session is over)
 
     async def close(self) -> None:
         for t in list(self.tasks):

@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
                 task, fds = wire.recv(ctl)
             except (EOFError, OSError):
                 return 0
-            if task.get("op") == "cancel":  # for a task that ended before the cancel arrived
+            if task.get("op") in ("cancel", "pause", "resume"):  # for a task that ended before it arrived
                 for fd in fds:
                     os.close(fd)
                 continue

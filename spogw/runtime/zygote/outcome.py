@@ -16,8 +16,9 @@ _CRASH = {signal.SIGSEGV: "segmentation fault", signal.SIGBUS: "bus error", sign
           signal.SIGFPE: "floating point exception", signal.SIGABRT: "abort"}
 
 
-def classify(task: dict, kid, killed_by: str | None, duration: float, oom: bool) -> dict:
-    """One child's outcome: ``kid`` has ``status`` (wait status), ``cpu`` and the bytes of its channels."""
+def classify(task: dict, kid, killed_by: str | None, duration: float, oom: bool, waited: float = 0.0) -> dict:
+    """One child's outcome: ``kid`` has ``status`` (wait status), ``cpu`` and the bytes of its channels; ``waited``:
+    the seconds its wall clock stood still while the parent answered its requests (an entry's)."""
     lim = task["limits"]
     st, cpu = kid.status, kid.cpu
     events, value, has_value, exc = parse_meta(bytes(kid.out["meta"]))
@@ -28,6 +29,9 @@ def classify(task: dict, kid, killed_by: str | None, duration: float, oom: bool)
         reason = setup.get("msg") or f"sandbox set-up did not complete (wait status {st}, {killed_by or 'exited'})"
     elif killed_by == "timeout":
         status, reason = "timeout", f"wall time {lim['wall_s']:g} s exceeded; process group killed"
+        if waited >= 0.05:
+            reason = (f"wall time {lim['wall_s']:g} s exceeded (not counting {waited:.1f} s waiting on the parent's "
+                      "replies); process group killed")
     elif killed_by == "output":
         status, reason = "output", f"output exceeded {lim['max_output_bytes']} bytes; process group killed"
     elif killed_by == "parent_gone":

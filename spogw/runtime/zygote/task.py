@@ -6,6 +6,11 @@ children (a check's two in one round trip). Then the zygote polls their stdout/s
 the task ends (its only child exits; for a check, T exits and S is killed without waiting), its wall deadline
 passes, its output exceeds the cap, or the parent cancels it; kills what is left, collects the exit reports and
 classifies (``outcome.py``). The verdict channel of a check is drained on every pass, not polled.
+
+An entry's wall clock stops while the parent is answering one of its RPC requests (the parent sends ``pause`` and
+``resume``), for at most the task's ``max_wait_s`` in all: an executor call that waits in a queue or a program run
+with limits of its own is the parent's time, not the workflow's, so how busy the machine is cannot turn a workflow
+into a timeout. CPU time still counts.
 """
 
 from __future__ import annotations
@@ -73,12 +78,12 @@ class TaskRunner:
             else:
                 payload = {"code": task["code"], "files": task.get("files") or {}}
                 kids = [self._spawn("program", payload, task, self.uid, [], workdirs, stdin=task.get("stdin"))]
-            killed_by = self._supervise(kind, task, kids, t0)
+            killed_by, waited = self._supervise(kind, task, kids, t0)
             duration = time.monotonic() - t0
             oom = self.oom_kills() > oom_before
             if kind == "check":
                 return outcome.classify_check(task, kids[0], kids[1], killed_by, duration, oom)
-            return outcome.classify(task, kids[0], killed_by, duration, oom)
+            return {**outcome.classify(task, kids[0], killed_by, duration, oom, waited), "waited_s": waited}
         finally:
             for fd in fds:
                 os.close(fd)
@@ -185,10 +190,14 @@ class TaskRunner:
             kids.append(Kid(p["role"], pid, pidfd, readers, (stdin_w, data)))
         return kids
 
-    def _supervise(self, kind: str, task: dict, kids: list[Kid], t0: float) -> str | None:
-        """Poll every channel of the task's children until it ends; returns why it was killed (or None)."""
+    def _supervise(self, kind: str, task: dict, kids: list[Kid], t0: float) -> tuple[str | None, float]:
+        """Poll every channel of the task's children until it ends; returns why it was killed (or None) and how
+        long its clock stood still (the parent answering its requests)."""
         lim = task["limits"]
         deadline = t0 + float(lim["wall_s"])
+        max_wait = float(task.get("max_wait_s") or 0.0) if kind == "entry" else 0.0
+        paused_since: float | None = None  # the parent is answering the child's requests: the deadline waits
+        waited = 0.0  # finished pauses (the running one is now - paused_since); at most max_wait of it counts
         cap = int(lim["max_output_bytes"])
         judge = kids[-1]  # a program's or entry's only child; a check's tests
         readers = {fd: (kid, name) for kid in kids for name, fd in kid.readers.items()}
@@ -220,10 +229,13 @@ class TaskRunner:
                         self.template.forget(kid.pid)
                 break
             now = time.monotonic()
-            if now >= deadline:
+            stood = waited + (now - paused_since if paused_since is not None else 0.0)
+            due = deadline + min(stood, max_wait)
+            if now >= due:
                 killed_by = "timeout"
                 break
-            for fd, ev in poller.poll(max(1, min(100, int((deadline - now) * 1000) + 1))):
+            left = 100 if paused_since is not None and stood < max_wait else int((due - now) * 1000) + 1
+            for fd, ev in poller.poll(max(1, min(100, left))):
                 if fd in readers:
                     kid, name = readers[fd]
                     data = os.read(fd, 65536)
@@ -239,7 +251,13 @@ class TaskRunner:
                 elif fd == self.template.fileno():
                     self.template.pump()
                 elif self.ctl is not None and fd == self.ctl.fileno():
-                    killed_by = self._control()
+                    op = self._control(task.get("tid"))
+                    if op == "pause" and paused_since is None:
+                        paused_since = time.monotonic()
+                    elif op == "resume" and paused_since is not None:
+                        waited, paused_since = waited + time.monotonic() - paused_since, None
+                    elif op in ("cancelled", "parent_gone"):
+                        killed_by = op
             if verdict >= 0:
                 _drain(verdict, judge.out["verdict"], MAX_VERDICT + 1)
             if sum(len(k.out["stdout"]) + len(k.out["stderr"]) for k in kids) > cap:
@@ -248,6 +266,9 @@ class TaskRunner:
                 killed_by = "output"
             if killed_by:
                 break
+        if paused_since is not None:  # it ended while the parent was still answering
+            waited += time.monotonic() - paused_since
+        waited = min(waited, max_wait)
         for kid in kids:
             kid.kill()
         end = time.monotonic() + 10.0
@@ -260,7 +281,7 @@ class TaskRunner:
         for fd, (kid, name) in readers.items():  # drain what is left without blocking (the writers are dead)
             os.set_blocking(fd, False)
             _drain(fd, kid.out[name], MAX_VERDICT + 1 if name == "verdict" else cap + 65536)
-        return killed_by
+        return killed_by, waited
 
     def _collect_exits(self, kids: list[Kid]) -> None:
         for kid in kids:
@@ -285,15 +306,19 @@ class TaskRunner:
         kid.stdin_w = -1
         return True
 
-    def _control(self) -> str | None:
-        """A frame from the parent mid-task: a cancel; EOF means the parent is gone."""
+    def _control(self, tid=None) -> str | None:
+        """A frame from the parent mid-task: ``cancelled``, ``pause``/``resume`` (of this entry's clock: ``tid``
+        names the task, a late frame about an earlier one is dropped) or None; EOF means the parent is gone."""
         try:
             msg, fds = wire.recv(self.ctl)
         except (EOFError, OSError, ValueError):
             return "parent_gone"
         for fd in fds:
             os.close(fd)
-        return "cancelled" if msg.get("op") == "cancel" else None
+        op = msg.get("op")
+        if op == "cancel":
+            return "cancelled"
+        return op if op in ("pause", "resume") and tid is not None and msg.get("tid") == tid else None
 
 
 def _drain(fd: int, buf: bytearray, cap: int) -> None:
