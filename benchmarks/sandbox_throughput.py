@@ -94,7 +94,7 @@ def entries(n: int) -> dict[str, float]:
     import asyncio
 
     from spogw.runtime.runner import ENTRY, default_workflow_limits, workflow_pool
-    from spogw.runtime.sandbox import run_entry
+    from spogw.runtime.sandbox_rpc import run_entry
 
     payload = {"code": WORKFLOW, "family": "math", "offered": [], "prompts": {}, "question": "q",
                "entry_point": None, "public_tests": []}
@@ -128,7 +128,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs per side; the fastest is kept")
     ap.add_argument("--entries", type=int, default=20, help="workflow runs per side (0: skip)")
     args = ap.parse_args()
-    from spogw.runtime.sandbox import SandboxLimits, SandboxPool
+    from spogw.runtime.sandbox import SandboxLimits
+    from spogw.runtime.sandbox_pool import SandboxPool
 
     problems, codes = programs()
     n = len(codes)

@@ -330,7 +330,7 @@ async def _execute(jobs: list[_Job], records, out: Path, options: ExecutorOption
 def _sandbox_pool():
     """Warm sandboxes for the programs of code checks and of the Test operator (~5 ms each instead of a one-off
     sandbox's ~0.2 s); None where the pool cannot start, and each program then gets a one-off sandbox."""
-    from spogw.runtime.sandbox import SandboxPool
+    from spogw.runtime.sandbox_pool import SandboxPool
 
     try:
         return SandboxPool(workers=2)

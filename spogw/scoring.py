@@ -216,7 +216,7 @@ def score(samples_path: str | Path, out_path: str | Path, records: Sequence, *, 
 def _pools(concurrency: int, code: bool) -> tuple:
     """(warm workflow sandboxes, warm check sandboxes or None): the stage's lifetime, not one zygote per run."""
     from spogw.runtime.runner import workflow_pool
-    from spogw.runtime.sandbox import SandboxPool
+    from spogw.runtime.sandbox_pool import SandboxPool
 
     checks = None
     if code:

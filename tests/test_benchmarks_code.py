@@ -22,7 +22,7 @@ def records(name: str):
 
 @pytest.fixture(scope="module")
 def pool():
-    from spogw.runtime.sandbox import SandboxPool
+    from spogw.runtime.sandbox_pool import SandboxPool
 
     with SandboxPool(workers=2) as p:
         yield p

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from spogw.runtime.sandbox import STATUSES, SandboxLimits, SandboxPool, protections, run_entry, run_program
+from spogw.runtime.sandbox import STATUSES, SandboxLimits, protections, run_program
+from spogw.runtime.sandbox_pool import SandboxPool
+from spogw.runtime.sandbox_rpc import run_entry
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRIES = str(Path(__file__).with_name("_sandbox_entries.py"))
@@ -332,7 +334,8 @@ exec setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp PATH=/usr/
 
 NOT_ROOT_CODE = """
 import json, os, time
-from spogw.runtime.sandbox import SandboxLimits, SandboxPool
+from spogw.runtime.sandbox import SandboxLimits
+from spogw.runtime.sandbox_pool import SandboxPool
 mine = '/tmp/owned_by_the_caller'
 open(mine, 'w').write('mine')
 out = {}
@@ -597,3 +600,12 @@ def test_parent_thread_count_unchanged_after_attacks(pool):
     run_program("print(1)")
     entry("echo", {"x": 1})
     assert threading.active_count() <= before + 1
+
+
+def test_the_public_names_stay_importable_from_sandbox():
+    """``SandboxPool`` and ``run_entry`` live in their own modules; users' ``spogw.runtime.sandbox`` imports work."""
+    from spogw.runtime import sandbox
+
+    assert sandbox.SandboxPool is SandboxPool and sandbox.run_entry is run_entry
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sandbox.no_such_name  # noqa: B018

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from spogw.benchmarks import Record, ascore_output_detailed, score_output_detailed, score_outputs
-from spogw.runtime.sandbox import SandboxPool
+from spogw.runtime.sandbox_pool import SandboxPool
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 3.0

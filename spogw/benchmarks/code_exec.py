@@ -245,7 +245,7 @@ def run_checks(programs: Sequence[CheckProgram], *, timeout_s: float = DEFAULT_T
 
     ``pool``: a warm ``SandboxPool`` to reuse; without one, a pool of ``workers`` zygotes is started for this
     batch. Each check gets ``timeout_s`` of wall and CPU time and the sandbox's other default limits."""
-    from spogw.runtime.sandbox import SandboxPool
+    from spogw.runtime.sandbox_pool import SandboxPool
 
     if not programs:
         return []

@@ -94,7 +94,7 @@ def workflow_pool(workers: int):
     """Warm sandboxes for generated workflows (``SandboxPool.for_entry``: the workflow child's package bound in,
     its module preloaded, zygotes started as concurrency asks for them): a workflow run costs a fork instead of a
     fresh zygote (~0.1-0.2 s). None where the pool cannot start; runs then use one-shot sandboxes."""
-    from spogw.runtime.sandbox import SandboxPool
+    from spogw.runtime.sandbox_pool import SandboxPool
 
     try:
         return SandboxPool.for_entry(ENTRY, max(1, workers), limits=default_workflow_limits())
@@ -299,7 +299,7 @@ async def _within(coro, wall_s: float, clock, max_wait_s: float) -> dict:
 
 async def _run_sandboxed(code, spec, question, entry_point, public_tests, context: CallContext, limits,
                          entry_pool=None, max_wait_s: float = MAX_WAIT_S) -> dict:
-    from spogw.runtime.sandbox import run_entry
+    from spogw.runtime.sandbox_rpc import run_entry
 
     payload = {"code": code, "family": spec.name, "offered": list(spec.offered), "prompts": spec.prompts,
                "question": question, "entry_point": entry_point, "public_tests": public_tests}

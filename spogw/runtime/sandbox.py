@@ -10,6 +10,10 @@ Four entry points, one mechanism (the isolation itself is ``spogw/runtime/zygote
 - ``run_entry("module:function", payload, handler=...)``: a sandboxed ``function(payload, rpc)`` whose ``rpc``
   asks the parent for things (the LLM executor lives in the parent) over JSON frames on two pipes.
 
+This module holds the limits, the results, the parent's handle on a zygote and the one-shot calls; ``SandboxPool``
+lives in ``sandbox_pool.py`` and ``run_entry`` with its RPC session in ``sandbox_rpc.py`` (both importable from
+here too).
+
 Children see a minimal read-only root (the system libraries and the interpreter, no site-packages, no checkout,
 no home), plus what ``expose`` allows; ``run_entry`` exposes only the entry's own package or file.
 
@@ -19,22 +23,18 @@ caller. What protections were active on this machine is in ``SandboxResult.prote
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import importlib.util
-import itertools
 import json
 import os
-import queue
 import select
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -273,7 +273,6 @@ class _Zygote:
 
 
 _PROTECTIONS: dict[str, str] | None = None
-_TASK_IDS = itertools.count(1)  # entry tasks' ids, for their pause/resume frames
 
 
 def protections() -> dict[str, str]:
@@ -320,251 +319,14 @@ def run_check(check: dict, *, limits: SandboxLimits | None = None, hide_paths: I
     return _once(_check_task(check, limits or SandboxLimits()), zygote_options(hide_paths))
 
 
-# -------------------------------------------------------------------------------------------------------------- pool
+def __getattr__(name: str):
+    """``SandboxPool`` and ``run_entry`` from their own modules (they import this one)."""
+    if name == "SandboxPool":
+        from spogw.runtime.sandbox_pool import SandboxPool
 
+        return SandboxPool
+    if name == "run_entry":
+        from spogw.runtime.sandbox_rpc import run_entry
 
-class _Item:
-    """A queued task; ``cancel()`` before it starts skips it, after it starts kills its children."""
-
-    def __init__(self, task: dict, fds: list[int]):
-        self.task, self.fds = task, fds
-        self.future: concurrent.futures.Future = concurrent.futures.Future()
-        self.zygote: _Zygote | None = None
-        self.cancelled = False
-        self.lock = threading.Lock()
-
-    def cancel(self) -> None:
-        with self.lock:
-            self.cancelled = True
-            zygote = self.zygote
-        if zygote is not None:
-            zygote.cancel()
-
-    def pause(self, paused: bool) -> None:
-        with self.lock:
-            zygote = self.zygote
-        if zygote is not None:
-            zygote.pause(paused, self.task.get("tid"))
-
-
-class SandboxPool:
-    """Warm zygotes (one per worker) that fork one fully isolated sandbox per program, check or entry.
-
-    Thread-safe; ``map`` keeps order; ``arun``/``acheck``/``arun_entry`` are for asyncio callers. A zygote that
-    dies is replaced and its task reported as ``sandbox_error``; a program can neither signal nor see its zygote
-    (other uid, own pid namespace). ``expose``/``site_packages``/``hide_paths``: what children see (see
-    ``run_program``); ``preload``: modules the zygotes import before forking (an entry's module, say);
-    ``lazy``: start each worker's zygote on its first task instead of at once."""
-
-    def __init__(self, workers: int | None = None, limits: SandboxLimits | None = None,
-                 hide_paths: Iterable[str] | None = None, *, expose: Iterable[str] = (), site_packages: bool = False,
-                 preload: Iterable[str] = (), lazy: bool = False):
-        self.workers = workers or os.cpu_count() or 1
-        self.limits = limits or SandboxLimits()
-        self.options = zygote_options(hide_paths, expose, site_packages, preload)
-        self._queue: queue.Queue = queue.Queue()
-        self._closed = False
-        self._lazy = lazy
-        self._started = threading.Barrier(self.workers + 1)
-        self._errors: list[str] = []
-        self._threads = [threading.Thread(target=self._worker, name=f"sandbox-pool-{i}", daemon=True)
-                         for i in range(self.workers)]
-        self.protections: dict[str, str] = {}
-        self._zygotes: dict[int, _Zygote] = {}
-        for t in self._threads:
-            t.start()
-        self._started.wait()
-        if self._errors:
-            self.close()
-            raise RuntimeError(f"SandboxPool: {self._errors[0]}")
-
-    def _start_zygote(self) -> _Zygote:
-        try:
-            z = _Zygote(options=self.options)
-        except RuntimeError:  # once more before the worker's task fails for an infrastructure reason
-            z = _Zygote(options=self.options)
-        self._zygotes[threading.get_ident()] = z
-        self.protections = z.protections
-        return z
-
-    def _worker(self) -> None:
-        """Owns one zygote for its whole life (the zygote's parent-death signal is tied to this thread)."""
-        zygote = None
-        if not self._lazy:
-            try:
-                zygote = self._start_zygote()
-            except RuntimeError as e:
-                self._errors.append(str(e))
-        self._started.wait()
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            with item.lock:
-                skip = item.cancelled or not item.future.set_running_or_notify_cancel()
-            if skip:
-                for fd in item.fds:
-                    os.close(fd)
-                if not item.future.done():
-                    item.future.set_result(_failure("killed", "cancelled before it started"))
-                continue
-            try:
-                if zygote is None or not zygote.alive:
-                    zygote = self._start_zygote()
-                with item.lock:
-                    item.zygote = zygote
-                res = zygote.run(item.task, item.fds)
-            except BaseException as e:  # noqa: B036 - a pool worker must survive anything
-                for fd in item.fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                res = _failure("sandbox_error", f"sandbox pool worker: {e!r}")
-            item.future.set_result(res)
-        if zygote is not None:
-            zygote.close()
-
-    @property
-    def uids(self) -> set[int]:
-        """The uids the pool's sandboxes run as now (two per worker; a replaced zygote gets new ones)."""
-        return {uid for z in self._zygotes.values() for uid in z.uids}
-
-    def _submit(self, task: dict, fds: list[int] = ()) -> _Item:
-        if self._closed:
-            for fd in fds:
-                os.close(fd)
-            raise RuntimeError("SandboxPool is closed")
-        item = _Item(task, list(fds))
-        self._queue.put(item)
-        return item
-
-    def submit(self, code: str, *, limits: SandboxLimits | None = None, stdin: str | None = None,
-               files: dict[str, str] | None = None) -> concurrent.futures.Future:
-        return self._submit(_task(code, limits or self.limits, stdin, files)).future
-
-    def run(self, code: str, **kw) -> SandboxResult:
-        return self.submit(code, **kw).result()
-
-    def map(self, codes: Iterable[str], **kw) -> list[SandboxResult]:
-        """Run every program (``workers`` at a time); results in input order."""
-        return [f.result() for f in [self.submit(c, **kw) for c in codes]]
-
-    async def arun(self, code: str, **kw) -> SandboxResult:
-        return await asyncio.wrap_future(self.submit(code, **kw))
-
-    def submit_check(self, check: dict, *, limits: SandboxLimits | None = None) -> concurrent.futures.Future:
-        """A check: the solution and its tests in two sandboxed processes (``spogw/runtime/zygote/check.py``)."""
-        return self._submit(_check_task(check, limits or self.limits)).future
-
-    def check(self, check: dict, **kw) -> SandboxResult:
-        return self.submit_check(check, **kw).result()
-
-    def map_checks(self, checks: Iterable[dict], **kw) -> list[SandboxResult]:
-        return [f.result() for f in [self.submit_check(c, **kw) for c in checks]]
-
-    async def acheck(self, check: dict, **kw) -> SandboxResult:
-        return await asyncio.wrap_future(self.submit_check(check, **kw))
-
-    async def arun_entry(self, entry: str, payload: dict, **kw) -> SandboxResult:
-        """``run_entry`` in a warm zygote of this pool (make the pool with ``SandboxPool.for_entry``)."""
-
-        def start(task: dict, fds: list[int]):
-            item = self._submit(task, fds)
-            return item.future, item.cancel, item.pause
-
-        return await _entry(start, entry, payload, **kw, default_limits=self.limits)
-
-    @classmethod
-    def for_entry(cls, entry: str, workers: int, limits: SandboxLimits | None = None, **kw) -> SandboxPool:
-        """A pool whose children can import ``entry`` (its package bound in, its module preloaded), started lazily."""
-        module = entry.rpartition(":")[0]
-        preload = () if module.endswith(".py") else (module,)
-        return cls(workers, limits, expose=entry_paths(entry), preload=preload, lazy=True, **kw)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._threads:
-            self._queue.put(None)
-        for t in self._threads:
-            t.join(timeout=30)
-
-    def __enter__(self) -> SandboxPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-# -------------------------------------------------------------------------------------------------------- run_entry
-
-
-async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awaitable[dict]] | None = None,
-                    limits: SandboxLimits | None = None, max_message_bytes: int = 8 << 20,
-                    max_requests: int = 10_000, max_in_flight: int = 64,
-                    hide_paths: Iterable[str] | None = None, max_wait_s: float = 0.0) -> SandboxResult:
-    """Run ``module:function`` (importable) in a sandboxed child as ``function(payload, rpc)``; its JSON return value
-    comes back in ``result.value``.
-
-    ``rpc.call(request)`` (blocking) and ``await rpc.acall(request)`` (several in flight, multiplexed by id) are
-    answered by ``await handler(request)`` here; a handler exception reaches the child as RuntimeError. Requests
-    beyond ``max_in_flight`` wait in the pipe (back-pressure); a frame over ``max_message_bytes``, a garbage frame or
-    more than ``max_requests`` requests ends the child with status 'protocol'. Without a handler every request gets
-    an error reply. The child sees the minimal root plus the entry's own package or file (``entry_paths``).
-    ``hide_paths``: as for run_program. ``max_wait_s``: up to this many seconds in all, the child's wall clock stands
-    still while the handler is answering its requests (0: the handler's time counts against ``limits.wall_s``).
-    Many entries: ``SandboxPool.for_entry(...).arun_entry``."""
-    if ":" not in entry:
-        raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
-    options = zygote_options(hide_paths, expose=entry_paths(entry))
-
-    def start(task: dict, fds: list[int]):
-        # a thread of its own, not the loop's default executor: its few threads are what the handler's own
-        # blocking work (a response cache's sqlite, say) needs while many entries wait on their zygotes
-        holder: dict[str, _Zygote] = {}
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def work() -> None:
-            try:
-                future.set_result(_once(task, options, fds, started=lambda z: holder.update(z=z)))
-            except BaseException as e:  # noqa: B036 - delivered to the awaiting caller
-                future.set_exception(e)
-
-        threading.Thread(target=work, name="sandbox-run-entry", daemon=True).start()
-        return (future, lambda: holder["z"].cancel() if "z" in holder else None,
-                lambda paused: holder["z"].pause(paused, task["tid"]) if "z" in holder else None)
-
-    return await _entry(start, entry, payload, handler=handler, limits=limits, max_message_bytes=max_message_bytes,
-                        max_requests=max_requests, max_in_flight=max_in_flight, max_wait_s=max_wait_s)
-
-
-async def _entry(start, entry: str, payload: dict, *, handler=None, limits: SandboxLimits | None = None,
-                 max_message_bytes: int = 8 << 20, max_requests: int = 10_000, max_in_flight: int = 64,
-                 default_limits: SandboxLimits | None = None, max_wait_s: float = 0.0) -> SandboxResult:
-    from spogw.runtime.sandbox_rpc import RpcSession
-
-    if ":" not in entry:
-        raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
-    limits = limits or default_limits or SandboxLimits()
-    c2p_r, c2p_w = os.pipe()  # child -> parent requests
-    p2c_r, p2c_w = os.pipe()  # parent -> child replies
-    task = {"kind": "entry", "entry": entry, "payload": payload, "limits": asdict(limits),
-            "max_message_bytes": max_message_bytes, "tid": next(_TASK_IDS), "max_wait_s": float(max_wait_s)}
-    t0 = time.monotonic()
-    try:
-        future, cancel, pause = start(task, [p2c_r, c2p_w])  # the child's ends go to the zygote, closed there
-    except BaseException:
-        for fd in (c2p_r, p2c_w):
-            os.close(fd)
-        raise
-    session = RpcSession(c2p_r, p2c_w, handler, max_message_bytes, max_requests, max_in_flight,
-                         on_pause=pause if max_wait_s > 0 else None)
-    wait = _Zygote.START_TIMEOUT_S + limits.wall_s + _Zygote.GRACE_S
-    try:
-        result, violation = await session.run(asyncio.wrap_future(future), cancel, wait, max_wait_s)
-    except asyncio.TimeoutError:
-        cancel()
-        return _failure("sandbox_error", "no result from the sandbox zygote", time.monotonic() - t0)
-    if violation:
-        result = replace(result, status="protocol", reason=f"{violation}; child killed")
-    return result
+        return run_entry
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

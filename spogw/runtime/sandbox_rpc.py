@@ -4,8 +4,8 @@ The child's requests arrive on a pipe of their own (JSON frames: 4-byte length +
 each is answered in its own task by ``await handler(request)``, at most ``max_in_flight`` at a time (beyond that
 the parent stops reading: back-pressure). A frame over ``max_message_bytes``, a garbage frame or more than
 ``max_requests`` requests is a protocol violation: the child is cancelled (the zygote kills it and still reports
-its output) and the result's status becomes ``protocol``. Used by ``spogw.runtime.sandbox.run_entry`` and
-``SandboxPool.arun_entry``, which differ only in which zygote runs the child.
+its output) and the result's status becomes ``protocol``. ``run_entry`` (below) and ``SandboxPool.arun_entry`` both
+go through ``entry_task``; they differ only in which zygote runs the child.
 
 While at least one request is being answered, ``on_pause(True)`` has stopped the child's wall clock (the zygote's
 deadline, and this session's own wait for the result, move on by that time, up to the entry's ``max_wait_s``);
@@ -15,13 +15,21 @@ deadline, and this session's own wait for the result, move on by that time, up t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import itertools
 import json
 import os
 import struct
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, replace
 from typing import Any
+
+from spogw.runtime.sandbox import SandboxLimits, SandboxResult, _failure, _once, _Zygote, entry_paths, zygote_options
+
+_TASK_IDS = itertools.count(1)  # entry tasks' ids, for their pause/resume frames
 
 
 class WaitClock:
@@ -167,3 +175,72 @@ class RpcSession:
 def _encode(obj: dict) -> bytes:
     data = json.dumps(obj).encode()
     return struct.pack(">I", len(data)) + data
+
+
+async def run_entry(entry: str, payload: dict, *, handler: Callable[[dict], Awaitable[dict]] | None = None,
+                    limits: SandboxLimits | None = None, max_message_bytes: int = 8 << 20,
+                    max_requests: int = 10_000, max_in_flight: int = 64,
+                    hide_paths: Iterable[str] | None = None, max_wait_s: float = 0.0) -> SandboxResult:
+    """Run ``module:function`` (importable) in a sandboxed child as ``function(payload, rpc)``; its JSON return value
+    comes back in ``result.value``.
+
+    ``rpc.call(request)`` (blocking) and ``await rpc.acall(request)`` (several in flight, multiplexed by id) are
+    answered by ``await handler(request)`` here; a handler exception reaches the child as RuntimeError. Requests
+    beyond ``max_in_flight`` wait in the pipe (back-pressure); a frame over ``max_message_bytes``, a garbage frame or
+    more than ``max_requests`` requests ends the child with status 'protocol'. Without a handler every request gets
+    an error reply. The child sees the minimal root plus the entry's own package or file (``entry_paths``).
+    ``hide_paths``: as for run_program. ``max_wait_s``: up to this many seconds in all, the child's wall clock stands
+    still while the handler is answering its requests (0: the handler's time counts against ``limits.wall_s``).
+    Many entries: ``SandboxPool.for_entry(...).arun_entry``."""
+    if ":" not in entry:
+        raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
+    options = zygote_options(hide_paths, expose=entry_paths(entry))
+
+    def start(task: dict, fds: list[int]):
+        # a thread of its own, not the loop's default executor: its few threads are what the handler's own
+        # blocking work (a response cache's sqlite, say) needs while many entries wait on their zygotes
+        holder: dict[str, _Zygote] = {}
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def work() -> None:
+            try:
+                future.set_result(_once(task, options, fds, started=lambda z: holder.update(z=z)))
+            except BaseException as e:  # noqa: B036 - delivered to the awaiting caller
+                future.set_exception(e)
+
+        threading.Thread(target=work, name="sandbox-run-entry", daemon=True).start()
+        return (future, lambda: holder["z"].cancel() if "z" in holder else None,
+                lambda paused: holder["z"].pause(paused, task["tid"]) if "z" in holder else None)
+
+    return await entry_task(start, entry, payload, handler=handler, limits=limits, max_message_bytes=max_message_bytes,
+                        max_requests=max_requests, max_in_flight=max_in_flight, max_wait_s=max_wait_s)
+
+
+async def entry_task(start, entry: str, payload: dict, *, handler=None, limits: SandboxLimits | None = None,
+                 max_message_bytes: int = 8 << 20, max_requests: int = 10_000, max_in_flight: int = 64,
+                 default_limits: SandboxLimits | None = None, max_wait_s: float = 0.0) -> SandboxResult:
+    if ":" not in entry:
+        raise ValueError(f"run_entry: entry {entry!r} must be 'module:function'")
+    limits = limits or default_limits or SandboxLimits()
+    c2p_r, c2p_w = os.pipe()  # child -> parent requests
+    p2c_r, p2c_w = os.pipe()  # parent -> child replies
+    task = {"kind": "entry", "entry": entry, "payload": payload, "limits": asdict(limits),
+            "max_message_bytes": max_message_bytes, "tid": next(_TASK_IDS), "max_wait_s": float(max_wait_s)}
+    t0 = time.monotonic()
+    try:
+        future, cancel, pause = start(task, [p2c_r, c2p_w])  # the child's ends go to the zygote, closed there
+    except BaseException:
+        for fd in (c2p_r, p2c_w):
+            os.close(fd)
+        raise
+    session = RpcSession(c2p_r, p2c_w, handler, max_message_bytes, max_requests, max_in_flight,
+                         on_pause=pause if max_wait_s > 0 else None)
+    wait = _Zygote.START_TIMEOUT_S + limits.wall_s + _Zygote.GRACE_S
+    try:
+        result, violation = await session.run(asyncio.wrap_future(future), cancel, wait, max_wait_s)
+    except asyncio.TimeoutError:
+        cancel()
+        return _failure("sandbox_error", "no result from the sandbox zygote", time.monotonic() - t0)
+    if violation:
+        result = replace(result, status="protocol", reason=f"{violation}; child killed")
+    return result
